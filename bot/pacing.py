@@ -1,0 +1,55 @@
+"""Rate limits with the clock passed in: an outbound token bucket per
+connection and inbound command cooldowns per user."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+Clock = Callable[[], float]
+
+
+class TokenBucket:
+    """``burst`` tokens, refilled at ``rate`` per second.  ``delay()`` says how
+    long to wait before the next send; ``take()`` spends a token."""
+
+    def __init__(self, rate: float, burst: int, clock: Clock = time.monotonic) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be > 0 and burst >= 1")
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._tokens = float(burst)
+        self._stamp = clock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+
+    def delay(self) -> float:
+        self._refill()
+        return 0.0 if self._tokens >= 1 else (1 - self._tokens) / self.rate
+
+    def take(self) -> None:
+        self._refill()
+        self._tokens -= 1
+
+
+@dataclass
+class Cooldown:
+    """At most ``limit`` commands per ``window`` seconds per key (a user)."""
+
+    limit: int
+    window: float
+    clock: Clock = time.monotonic
+    _hits: dict[str, list[float]] = field(default_factory=dict)
+
+    def allow(self, key: str) -> bool:
+        now = self.clock()
+        hits = [t for t in self._hits.get(key, ()) if now - t < self.window]
+        allowed = len(hits) < self.limit
+        if allowed:
+            hits.append(now)
+        self._hits[key] = hits
+        return allowed

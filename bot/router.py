@@ -1,0 +1,41 @@
+"""Connects front-ends to the dispatcher and sends replies back where the
+command came from; long output in a room goes to the caller privately."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from bot.chat import Message, Transport
+from bot.commands import Dispatcher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Router:
+    dispatcher: Dispatcher
+    max_room_lines: int = 4
+
+    async def serve(self, transport: Transport) -> None:
+        async def on_message(message: Message) -> None:
+            await self.answer(transport, message)
+        await transport.start(on_message)
+
+    async def answer(self, transport: Transport, message: Message) -> None:
+        try:
+            response = await self.dispatcher.handle(message)
+        except Exception:  # a bug must not take the front-end down
+            log.exception("command %r from %s failed", message.text[:80], message.sender)
+            response_lines = ["internal error; the bot's log has details"]
+        else:
+            response_lines = response.lines
+        if message.room is None:
+            target: object = message.sender
+        elif len(response_lines) > self.max_room_lines:
+            await transport.send(message.room, f"{message.sender.handle}: {len(response_lines)} lines, "
+                                               "sent to you privately")
+            target = message.sender
+        else:
+            target = message.room
+        for line in response_lines:
+            await transport.send(target, line)  # type: ignore[arg-type]

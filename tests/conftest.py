@@ -1,0 +1,14 @@
+from __future__ import annotations
+
+import signal
+import sys
+
+# Server fixtures live in their own modules, one per protocol.
+pytest_plugins = ["tests.servers.irc", "tests.servers.xmpp"]
+
+
+def _exit_on_term(signum, frame):  # killed by a timeout: let fixtures stop their servers
+    sys.exit(1)
+
+
+signal.signal(signal.SIGTERM, _exit_on_term)
