@@ -120,7 +120,7 @@ class Dispatcher:
         if spec is None:
             return Response([f"unknown command {sanitise(name, 40)!r}; try: help"], ok=False)
         caller = self.directory.resolve(message.sender)
-        if self.cooldown and not self.cooldown.allow(f"{message.sender.protocol}:{message.sender.network}:"
+        if self.cooldown and message.sender.protocol != "console" and not self.cooldown.allow(f"{message.sender.protocol}:{message.sender.network}:"
                                                      f"{caller.user.name if caller.user else message.sender.handle}"):
             return Response(["slow down, please: too many commands; try again in a few seconds"], ok=False)
         if spec.privileged and caller.user is None:
@@ -244,7 +244,7 @@ async def cmd_show(ctx: Context) -> list[str]:
 async def cmd_history(ctx: Context) -> list[str]:
     iid = parse_id(ctx)
     entries = await ctx.engine.history(iid)
-    return [f"{when(e.at)} {e.path or '-'} {e.event}" + (f" by {e.actor}" if e.actor else "")
+    return [f"{when(e.at)} {e.step or 'process'} {e.event}" + (f" by {e.actor}" if e.actor else "")
             + (f": {e.detail}" if e.detail else "") for e in entries]
 
 

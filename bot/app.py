@@ -1,0 +1,67 @@
+"""The assembled bot: config -> store, engine, participants, dispatcher,
+front-ends.  ``run_bot.py`` is the command line around it; tests and
+benchmarks build it the same way."""
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from bot.access import Directory
+from bot.commands import Dispatcher, default_registry
+from bot.config import BotConfig
+from bot.pacing import Cooldown
+from bot.router import Router
+from engine.engine import Engine
+from engine.participants import ParticipantRegistry
+from engine.store import Store
+from participants import discover
+
+log = logging.getLogger(__name__)
+
+
+def transport_for(cfg: Any) -> Any:
+    """The adapter for one network's config (each adapter module names its class)."""
+    module = importlib.import_module(type(cfg).__module__)
+    return module.make_transport(cfg)
+
+
+@dataclass
+class App:
+    config: BotConfig
+    participants: ParticipantRegistry = field(default_factory=lambda: ParticipantRegistry(discover()))
+    store: Store = field(init=False)
+    engine: Engine = field(init=False)
+    dispatcher: Dispatcher = field(init=False)
+    router: Router = field(init=False)
+    transports: list[Any] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        cfg = self.config
+        self.store = Store(cfg.database, synchronous=cfg.durability.upper())
+        self.engine = Engine(self.store, cfg.specs, self.participants, schedules=cfg.schedules)
+        self.dispatcher = Dispatcher(self.engine, Directory(cfg.users), default_registry(),
+                                     cooldown=Cooldown(cfg.rate_commands, cfg.rate_window))
+        self.router = Router(self.dispatcher, max_room_lines=cfg.max_room_lines)
+
+    async def start(self, extra_transports: list[Any] = ()) -> None:  # type: ignore[assignment]
+        await asyncio.to_thread(self.store.open)
+        await self.engine.start()
+        log.info("engine ready: %s, database %s", self.config.summary(), self.config.database)
+        for cfg in self.config.networks:
+            self.transports.append(transport_for(cfg))
+        self.transports.extend(extra_transports)
+        for transport in self.transports:
+            await self.router.serve(transport)
+
+    async def stop(self) -> None:
+        for transport in self.transports:
+            try:
+                await transport.close()
+            except Exception:
+                log.exception("closing %s failed", getattr(transport, "network", transport))
+        await self.engine.stop()
+        await asyncio.to_thread(self.store.close)
+        log.info("stopped")

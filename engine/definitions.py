@@ -1,0 +1,462 @@
+"""Process definitions: YAML files loaded into immutable ``ProcessSpec`` /
+``StepSpec`` trees.  Every problem is reported as ``file:line: message``,
+all of them at once.
+
+A definition::
+
+    name: hello                 # defaults to the file name
+    description: Say hello
+    project: Project:Devel      # roles are checked on this project (a launch field may override)
+    launch_roles: [admins]      # who may launch, cancel and retry it
+    fields: {who: world}        # defaults, overridden by launch fields
+    on_error: ...               # optional, for the whole process
+    steps:
+      - participant: echo
+        params: {text: "hello {{ who }}"}
+
+Steps are mappings with exactly one expression key (see ``EXPRESSIONS``) plus
+the common attributes ``id``, ``timeout``, ``on_timeout``, ``on_error`` and
+``timers``.  A nested list is a sequence.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from engine.sourcefile import ConfigError, Node, NodeList, Problem, load_yaml, parse_duration
+from engine.templating import check_expression, check_template
+
+EXPRESSIONS = ("participant", "sequence", "concurrence", "if", "wait", "repeat",
+               "subprocess", "set", "terminate", "error")
+COMMON = ("id", "timeout", "on_timeout", "on_error", "timers")
+EXTRA = {  # keys an expression takes besides its own and the common ones
+    "participant": ("params",),
+    "concurrence": ("wait_for", "merge"),
+    "if": ("then", "else"),
+    "repeat": ("max", "break_if"),
+    "subprocess": ("fields",),
+}
+MERGES = ("union", "first", "last", "none")
+PROCESS_KEYS = ("name", "description", "project", "launch_roles", "fields", "steps",
+                "timeout", "on_timeout", "on_error")
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What to do on error or timeout: ``error`` (let it rise), ``skip``,
+    ``retry`` (``retries`` times, ``backoff`` doubling) then ``then``,
+    or run ``subprocess`` as a handler."""
+
+    kind: str
+    retries: int = 0
+    backoff: float = 0.0
+    subprocess: str | None = None
+    then: "Policy | None" = None
+
+
+ERROR = Policy("error")
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    kind: str
+    path: str                       # stable position in the tree: "", "0", "2.1.0", "3.then.0"
+    line: int
+    label: str | None = None        # the author's ``id``
+    children: tuple["StepSpec", ...] = ()
+    participant: str | None = None
+    params: Any = None              # participant params, set fields, subprocess fields, messages
+    condition: str | None = None    # if / break_if
+    wait_for: str | int = "all"     # concurrence: all / any / N
+    merge: str = "union"
+    duration: float | None = None   # wait
+    until: str | None = None        # wait until (HH:MM, ISO time or a template)
+    max: int = 0                    # repeat
+    process: str | None = None      # subprocess
+    timeout: float | None = None
+    on_timeout: Policy = ERROR
+    on_error: Policy | None = None
+    timers: tuple[tuple[float, str], ...] = ()   # named timers delivered to the participant
+    scope: tuple[str, int] | None = None          # nearest enclosing concurrence branch
+
+    @property
+    def name(self) -> str:
+        """How a person sees this step: its id, or kind and position."""
+        if self.label:
+            return self.label
+        what = self.participant or self.process or self.kind
+        return f"{what}@{self.path or 'root'}"
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    name: str
+    file: str
+    description: str
+    project: str | None
+    launch_roles: tuple[str, ...]
+    fields: Mapping[str, Any]
+    root: StepSpec
+    steps: Mapping[str, StepSpec] = field(repr=False, default_factory=dict)
+    parents: Mapping[str, str] = field(repr=False, default_factory=dict)
+
+    def step(self, path: str) -> StepSpec:
+        return self.steps[path]
+
+    def parent(self, path: str) -> StepSpec | None:
+        p = self.parents.get(path)
+        return None if p is None else self.steps[p]
+
+    def subprocesses(self) -> Iterable[tuple[str, int]]:
+        for s in self.steps.values():
+            for name in (s.process, s.on_timeout.subprocess,
+                         s.on_error.subprocess if s.on_error else None,
+                         s.on_error.then.subprocess if s.on_error and s.on_error.then else None):
+                if name:
+                    yield name, s.line
+
+
+class _Parser:
+    def __init__(self, file: str, participants: frozenset[str] | None) -> None:
+        self.file = file
+        self.participants = participants
+        self.problems: list[Problem] = []
+        self.steps: dict[str, StepSpec] = {}
+        self.parents: dict[str, str] = {}
+
+    def problem(self, line: int, message: str) -> None:
+        self.problems.append(Problem(self.file, line, message))
+
+    # -- common attributes --------------------------------------------------
+
+    def duration(self, value: Any, line: int, what: str) -> float | None:
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            self.problem(line, f"{what}: {exc}")
+            return None
+
+    def policy(self, value: Any, line: int, what: str, allow_retry: bool) -> Policy:
+        if value in ("error", "skip"):
+            return Policy(str(value))
+        if isinstance(value, dict):
+            keys = set(value)
+            if "subprocess" in value and keys == {"subprocess"}:
+                return Policy("subprocess", subprocess=self.process_name(value["subprocess"], line))
+            if allow_retry and "retry" in value and keys <= {"retry", "backoff", "then"}:
+                retries = value["retry"]
+                if not isinstance(retries, int) or isinstance(retries, bool) or not 1 <= retries <= 100:
+                    self.problem(value.line_of("retry"), f"{what}: retry must be a whole number from 1 to 100")
+                    retries = 1
+                backoff = self.duration(value.get("backoff", "10s"), value.line_of("backoff"), f"{what} backoff")
+                then = self.policy(value.get("then", "error"), value.line_of("then"), f"{what} then", False)
+                return Policy("retry", retries=retries, backoff=backoff or 0.0, then=then)
+        forms = "error, skip, {retry: N, backoff: 10s, then: skip}, or {subprocess: NAME}" if allow_retry \
+            else "error, skip, or {subprocess: NAME}"
+        self.problem(line, f"{what}: expected {forms}, got {value!r}")
+        return ERROR
+
+    def process_name(self, value: Any, line: int) -> str | None:
+        if not isinstance(value, str) or not _NAME.match(value):
+            self.problem(line, f"bad process name {value!r}")
+            return None
+        return value
+
+    def timers(self, value: Any, line: int) -> tuple[tuple[tuple[float, str], ...], float | None]:
+        """'4h: remind, 1d: escalate, 2d: timeout' -> named timers, and the timeout."""
+        if not isinstance(value, str):
+            self.problem(line, f"timers: expected a string like '4h: remind, 2d: timeout', got {value!r}")
+            return (), None
+        named: list[tuple[float, str]] = []
+        timeout = None
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            when, sep, name = (x.strip() for x in part.partition(":"))
+            if not sep or not re.match(r"^[a-z][a-z0-9_]*$", name):
+                self.problem(line, f"timers: bad entry {part!r}: expected 'DURATION: name'")
+                continue
+            seconds = self.duration(when, line, f"timers {name}")
+            if seconds is None:
+                continue
+            if name == "timeout":
+                timeout = seconds
+            else:
+                named.append((seconds, name))
+        return tuple(sorted(named)), timeout
+
+    # -- steps --------------------------------------------------------------
+
+    def sequence(self, value: Any, line: int, path: str, scope: tuple[str, int] | None,
+                 label: str | None = None) -> StepSpec:
+        if not isinstance(value, list) or not value:
+            self.problem(line, "expected a non-empty list of steps")
+            value = []
+        lines = getattr(value, "item_lines", [line] * len(value))
+        children = tuple(self.step(item, lines[i], f"{path}.{i}" if path else str(i), path, scope)
+                         for i, item in enumerate(value))
+        spec = StepSpec("sequence", path, line, label=label, children=children, scope=scope)
+        self.steps[path] = spec
+        return spec
+
+    def step(self, node: Any, line: int, path: str, parent: str, scope: tuple[str, int] | None) -> StepSpec:
+        self.parents[path] = parent
+        if isinstance(node, list):
+            return self.sequence(node, line, path, scope)
+        if not isinstance(node, Node):
+            self.problem(line, f"a step must be a mapping like '- participant: echo', got {node!r}")
+            return self._register(StepSpec("error", path, line, params="invalid step", scope=scope))
+        kinds = [k for k in node if k in EXPRESSIONS]
+        if len(kinds) != 1:
+            if kinds:
+                self.problem(node.line, f"a step takes exactly one of {', '.join(EXPRESSIONS)}; found {', '.join(kinds)}")
+            else:
+                unknown = [k for k in node if k not in COMMON and not any(k in e for e in EXTRA.values())]
+                self.problem(node.line, f"unknown expression {unknown[0] if unknown else next(iter(node), '?')!r} "
+                                        f"(expected one of {', '.join(EXPRESSIONS)})")
+            return self._register(StepSpec("error", path, node.line, params="invalid step", scope=scope))
+        kind = kinds[0]
+        allowed = {kind, *COMMON, *EXTRA.get(kind, ())}
+        for key in node:
+            if key not in allowed:
+                self.problem(node.line_of(key), f"unknown key {key!r} in a {kind} step")
+        common = self.common(node, kind)
+        value, vline = node[kind], node.line_of(kind)
+        attrs: dict[str, Any] = {}
+        children: tuple[StepSpec, ...] = ()
+        if kind == "participant":
+            if not isinstance(value, str):
+                self.problem(vline, f"participant: expected a name, got {value!r}")
+            elif self.participants is not None and value not in self.participants:
+                known = ", ".join(sorted(self.participants)) or "none"
+                self.problem(vline, f"unknown participant {value!r} (known: {known})")
+            params = node.get("params", {})
+            if not isinstance(params, dict):
+                self.problem(node.line_of("params"), "params: expected a mapping")
+                params = {}
+            self.template(params, node.line_of("params"))
+            attrs.update(participant=value if isinstance(value, str) else None, params=dict(params))
+        elif kind == "sequence":
+            children = self.sequence(value, vline, path, scope).children
+        elif kind == "concurrence":
+            if not isinstance(value, list) or len(value) < 1:
+                self.problem(vline, "concurrence: expected a list of branches")
+                value = []
+            lines = getattr(value, "item_lines", [vline] * len(value))
+            branches = []
+            for i, branch in enumerate(value):
+                bpath = f"{path}.{i}" if path else str(i)
+                self.parents[bpath] = path
+                items = branch if isinstance(branch, list) else [branch]
+                seq_lines = NodeList(items)
+                seq_lines.line = lines[i]
+                seq_lines.item_lines = getattr(branch, "item_lines", [lines[i]] * len(items))
+                branches.append(self.sequence(seq_lines, lines[i], bpath, (path, i)))
+            children = tuple(branches)
+            wait_for = node.get("wait_for", "all")
+            if wait_for not in ("all", "any") and not (
+                    isinstance(wait_for, int) and not isinstance(wait_for, bool) and 1 <= wait_for <= len(branches)):
+                self.problem(node.line_of("wait_for"),
+                             f"wait_for: expected all, any or a number from 1 to {len(branches)}, got {wait_for!r}")
+                wait_for = "all"
+            merge = node.get("merge", "union")
+            if merge not in MERGES:
+                self.problem(node.line_of("merge"), f"merge: expected one of {', '.join(MERGES)}, got {merge!r}")
+                merge = "union"
+            attrs.update(wait_for=wait_for, merge=merge)
+        elif kind == "if":
+            if not isinstance(value, (str, bool)):
+                self.problem(vline, f"if: expected a condition, got {value!r}")
+                value = "false"
+            self.condition(str(value).lower() if isinstance(value, bool) else value, vline)
+            if "then" not in node:
+                self.problem(node.line, "if: missing 'then'")
+            then = self.sequence(node.get("then", []), node.line_of("then"), f"{path}.then", scope)
+            self.parents[then.path] = path
+            children = (then,)
+            if "else" in node:
+                other = self.sequence(node["else"], node.line_of("else"), f"{path}.else", scope)
+                self.parents[other.path] = path
+                children = (then, other)
+            attrs["condition"] = str(value).lower() if isinstance(value, bool) else value
+        elif kind == "wait":
+            if isinstance(value, Node):
+                if set(value) != {"until"} or not isinstance(value["until"], str):
+                    self.problem(vline, "wait: expected a duration (90s, 4h, 2d) or {until: '02:00'}")
+                else:
+                    until = value["until"]
+                    if "{{" in until:
+                        self.template(until, vline)
+                    elif not _parse_until_ok(until):
+                        self.problem(vline, f"wait until: bad time {until!r}: expected HH:MM or an ISO date-time")
+                    attrs["until"] = until
+            else:
+                attrs["duration"] = self.duration(value, vline, "wait") or 0.0
+        elif kind == "repeat":
+            maximum = node.get("max")
+            if not isinstance(maximum, int) or isinstance(maximum, bool) or maximum < 1:
+                self.problem(node.line_of("max") if "max" in node else node.line,
+                             "repeat: needs 'max', a whole number of at least 1 (a loop must end)")
+                maximum = 1
+            if "break_if" in node:
+                self.condition(node["break_if"], node.line_of("break_if"))
+            body = self.sequence(value, vline, f"{path}.body", scope)
+            self.parents[body.path] = path
+            children = (body,)
+            attrs.update(max=maximum, condition=node.get("break_if"))
+        elif kind == "subprocess":
+            fields = node.get("fields", {})
+            if not isinstance(fields, dict):
+                self.problem(node.line_of("fields"), "fields: expected a mapping")
+                fields = {}
+            self.template(fields, node.line_of("fields"))
+            attrs.update(process=self.process_name(value, vline), params=dict(fields))
+        elif kind == "set":
+            if not isinstance(value, dict) or not value:
+                self.problem(vline, "set: expected a mapping of fields")
+                value = {}
+            self.template(value, vline)
+            attrs["params"] = dict(value)
+        elif kind in ("terminate", "error"):
+            if value is not None and not isinstance(value, str):
+                self.problem(vline, f"{kind}: expected a message, got {value!r}")
+                value = str(value)
+            self.template(value or "", vline)
+            attrs["params"] = value or ("terminated" if kind == "terminate" else "error")
+        if common.get("timers") and kind != "participant":
+            self.problem(node.line_of("timers"), "timers other than 'timeout' only make sense on a participant step")
+        spec = StepSpec(kind, path, node.line, children=children, scope=scope, **common, **attrs)
+        return self._register(spec)
+
+    def common(self, node: Node, kind: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if "id" in node:
+            if not isinstance(node["id"], str) or not _NAME.match(node["id"]):
+                self.problem(node.line_of("id"), f"id: expected a simple name, got {node['id']!r}")
+            else:
+                out["label"] = node["id"]
+        timeout = None
+        if "timers" in node:
+            named, timeout = self.timers(node["timers"], node.line_of("timers"))
+            out["timers"] = named
+        if "timeout" in node:
+            if timeout is not None:
+                self.problem(node.line_of("timeout"), "timeout given twice (in 'timeout' and in 'timers')")
+            timeout = self.duration(node["timeout"], node.line_of("timeout"), "timeout")
+        if timeout is not None:
+            out["timeout"] = timeout
+        if "on_timeout" in node:
+            if timeout is None:
+                self.problem(node.line_of("on_timeout"), "on_timeout without a timeout")
+            out["on_timeout"] = self.policy(node["on_timeout"], node.line_of("on_timeout"), "on_timeout", False)
+        if "on_error" in node:
+            out["on_error"] = self.policy(node["on_error"], node.line_of("on_error"), "on_error", True)
+        return out
+
+    def condition(self, source: Any, line: int) -> None:
+        if not isinstance(source, str):
+            self.problem(line, f"expected a condition, got {source!r}")
+            return
+        problem = check_expression(source)
+        if problem:
+            self.problem(line, problem)
+
+    def template(self, value: Any, line: int) -> None:
+        problem = check_template(value)
+        if problem:
+            self.problem(line, problem)
+
+    def _register(self, spec: StepSpec) -> StepSpec:
+        self.steps[spec.path] = spec
+        return spec
+
+
+def _parse_until_ok(text: str) -> bool:
+    from datetime import datetime
+    if re.match(r"^([01]?\d|2[0-3]):[0-5]\d$", text):
+        return True
+    try:
+        datetime.fromisoformat(text)
+        return True
+    except ValueError:
+        return False
+
+
+def parse_definition(data: Any, file: str, stem: str,
+                     participants: frozenset[str] | None) -> tuple[ProcessSpec | None, list[Problem]]:
+    p = _Parser(file, participants)
+    if not isinstance(data, Node):
+        p.problem(1, "a process definition must be a mapping with at least 'steps'")
+        return None, p.problems
+    for key in data:
+        if key not in PROCESS_KEYS:
+            p.problem(data.line_of(key), f"unknown key {key!r} (expected {', '.join(PROCESS_KEYS)})")
+    name = data.get("name", stem)
+    if not isinstance(name, str) or not _NAME.match(name):
+        p.problem(data.line_of("name"), f"bad process name {name!r}")
+        name = stem
+    project = data.get("project")
+    if project is not None and not isinstance(project, str):
+        p.problem(data.line_of("project"), "project: expected a name like Project:Devel")
+        project = None
+    roles = data.get("launch_roles", ["admins"])
+    if isinstance(roles, str):
+        roles = [roles]
+    if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+        p.problem(data.line_of("launch_roles"), "launch_roles: expected a list of role names")
+        roles = ["admins"]
+    fields = data.get("fields", {})
+    if not isinstance(fields, dict):
+        p.problem(data.line_of("fields"), "fields: expected a mapping of default field values")
+        fields = {}
+    if "steps" not in data:
+        p.problem(data.line, "missing 'steps'")
+    root_node = Node({"sequence": data.get("steps", [])})
+    root_node.line = data.line
+    root_node.key_lines = {"sequence": data.line_of("steps")}
+    for key in ("timeout", "on_timeout", "on_error"):
+        if key in data:
+            root_node[key] = data[key]
+            root_node.key_lines[key] = data.line_of(key)
+    common = p.common(root_node, "sequence")
+    seq = p.sequence(root_node["sequence"], root_node.line_of("sequence"), "", None)
+    root = StepSpec("sequence", "", data.line, label=None, children=seq.children, **common)
+    p.steps[""] = root
+    spec = ProcessSpec(name=name, file=file, description=str(data.get("description", "")),
+                       project=project, launch_roles=tuple(roles), fields=dict(fields), root=root,
+                       steps=dict(p.steps), parents=dict(p.parents))
+    return (None if p.problems else spec), p.problems
+
+
+def load_definitions(directory: Path, participants: frozenset[str] | None = None,
+                     base: Path | None = None) -> dict[str, ProcessSpec]:
+    """Load every ``*.yaml`` in ``directory``; raise ConfigError with every problem."""
+    problems: list[Problem] = []
+    specs: dict[str, ProcessSpec] = {}
+    where: dict[str, str] = {}
+    files = sorted(directory.glob("*.yaml")) + sorted(directory.glob("*.yml"))
+    for path in files:
+        display = str(path.relative_to(base)) if base and path.is_relative_to(base) else str(path)
+        try:
+            data = load_yaml(path, display)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            continue
+        spec, found = parse_definition(data, display, path.stem, participants)
+        problems.extend(found)
+        if spec is None:
+            continue
+        if spec.name in specs:
+            problems.append(Problem(display, data.line_of("name"),
+                                    f"process {spec.name!r} is already defined in {where[spec.name]}"))
+            continue
+        specs[spec.name] = spec
+        where[spec.name] = display
+    for spec in specs.values():
+        for name, line in spec.subprocesses():
+            if name not in specs:
+                problems.append(Problem(spec.file, line, f"subprocess {name!r} is not a known process"))
+    if problems:
+        raise ConfigError(problems)
+    return specs

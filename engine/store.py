@@ -1,0 +1,442 @@
+"""All SQL: the schema, its numbered migrations, the group-commit writer and
+the reads.  Blocking calls run off the event loop: writes in one writer
+thread, reads in one reader thread, each with its own connection (WAL lets
+them run side by side).
+
+Group commit: transitions queued while the disk is busy are written in one
+transaction, each inside its own savepoint (atomic: all of it or none), and
+none is acknowledged before that COMMIT returns.  A lone transition is
+written at once, never held back waiting for company.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import sqlite3
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+log = logging.getLogger(__name__)
+
+Op = tuple[str, Sequence[Any] | list[Sequence[Any]], bool]   # (sql, params, executemany)
+
+MIGRATIONS: list[str] = [
+    # 1: the engine's tables
+    """
+    CREATE TABLE instances (
+        id INTEGER PRIMARY KEY,
+        process TEXT NOT NULL,
+        status TEXT NOT NULL,
+        parent_id INTEGER,
+        parent_path TEXT,
+        project TEXT,
+        fields TEXT NOT NULL,
+        runs TEXT NOT NULL,
+        serial INTEGER NOT NULL,
+        error TEXT NOT NULL DEFAULT '',
+        created REAL NOT NULL,
+        updated REAL NOT NULL
+    );
+    CREATE INDEX instances_active ON instances(status) WHERE status IN ('running', 'waiting', 'failed');
+    CREATE TABLE workitems (
+        key TEXT PRIMARY KEY,
+        instance_id INTEGER NOT NULL,
+        process TEXT NOT NULL,
+        path TEXT NOT NULL,
+        step TEXT NOT NULL,
+        participant TEXT NOT NULL,
+        state TEXT NOT NULL,            -- dispatched | pending | cancelling
+        params TEXT NOT NULL,
+        fields TEXT NOT NULL,
+        created REAL NOT NULL
+    );
+    CREATE INDEX workitems_state ON workitems(state) WHERE state != 'pending';
+    CREATE INDEX workitems_instance ON workitems(instance_id);
+    CREATE TABLE timers (
+        instance_id INTEGER NOT NULL,   -- 0 for schedules
+        path TEXT NOT NULL,             -- step path, or the schedule's name
+        kind TEXT NOT NULL,             -- timeout | wait | retry | event | schedule
+        name TEXT NOT NULL,
+        due REAL NOT NULL,
+        fired INTEGER NOT NULL DEFAULT 0,   -- event timers: fired, not yet delivered
+        PRIMARY KEY (instance_id, path, kind, name)
+    ) WITHOUT ROWID;
+    CREATE INDEX timers_due ON timers(fired, due);
+    CREATE TABLE history (
+        id INTEGER PRIMARY KEY,
+        instance_id INTEGER NOT NULL,
+        at REAL NOT NULL,
+        path TEXT NOT NULL,
+        step TEXT NOT NULL,
+        event TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX history_instance ON history(instance_id, id);
+    CREATE TABLE schedules (
+        name TEXT PRIMARY KEY,
+        cron TEXT NOT NULL,
+        last_run REAL
+    );
+    """,
+]
+
+
+@dataclass(frozen=True)
+class InstanceRow:
+    id: int
+    process: str
+    status: str
+    parent_id: int | None
+    parent_path: str | None
+    project: str | None
+    fields: dict[str, Any]
+    runs: dict[str, Any]
+    serial: int
+    error: str
+    created: float
+    updated: float
+
+
+@dataclass(frozen=True)
+class TimerRow:
+    instance_id: int
+    path: str
+    kind: str
+    name: str
+    due: float
+    fired: bool
+
+
+@dataclass(frozen=True)
+class WorkitemRow:
+    key: str
+    instance_id: int
+    process: str
+    path: str
+    step: str
+    participant: str
+    state: str
+    params: dict[str, Any]
+    fields: dict[str, Any]
+    created: float
+
+
+@dataclass(frozen=True)
+class HistoryRow:
+    instance_id: int
+    at: float
+    path: str
+    step: str
+    event: str
+    actor: str
+    detail: str
+
+
+class StoreError(Exception):
+    pass
+
+
+_dumps = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
+def dumps(value: Any) -> str:
+    return _dumps(value)
+
+
+class Store:
+    def __init__(self, path: Path | str, synchronous: str = "FULL") -> None:
+        self.path = str(path)
+        if synchronous.upper() not in ("FULL", "NORMAL", "OFF", "EXTRA"):
+            raise ValueError(f"bad synchronous mode {synchronous!r}")
+        self.synchronous = synchronous.upper()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="store-read")
+        self._read_conn: sqlite3.Connection | None = None
+        self.commits = 0          # counters for benchmarks and tests
+        self.transitions = 0
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        conn.execute("PRAGMA foreign_keys=ON")
+        return conn
+
+    def open(self) -> None:
+        """Create or migrate the schema and start the writer (blocking; call before serving)."""
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        conn = self._connect()
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise StoreError(f"{self.path}: database schema {version} is newer than this bot "
+                                 f"({len(MIGRATIONS)}); upgrade the bot")
+            for number in range(version, len(MIGRATIONS)):
+                # one script, one transaction: a migration is applied whole or not at all
+                conn.executescript("BEGIN IMMEDIATE;" + MIGRATIONS[number]
+                                   + f";PRAGMA user_version={number + 1};COMMIT;")
+                log.info("database %s migrated to schema %d", self.path, number + 1)
+        finally:
+            conn.close()
+        self._writer = threading.Thread(target=self._write_loop, name="store-writer", daemon=True)
+        self._writer.start()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join()
+            self._writer = None
+        self._reader.submit(self._close_reader).result()
+        self._reader.shutdown()
+
+    def _close_reader(self) -> None:
+        if self._read_conn is not None:
+            self._read_conn.close()
+            self._read_conn = None
+
+    # -- writing -----------------------------------------------------------------
+
+    def commit(self, ops: list[Op]) -> "asyncio.Future[None]":
+        """Queue one atomic transition; the future resolves once it is durable."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._queue.put((ops, future, loop))
+        return future
+
+    def _write_loop(self) -> None:
+        conn = self._connect()
+        try:
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    return
+                batch = [item]
+                stop = False
+                while len(batch) < 5000:
+                    try:
+                        more = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        stop = True
+                        break
+                    batch.append(more)
+                self._write_batch(conn, batch)
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _write_batch(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
+        outcomes: list[BaseException | None] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for ops, _future, _loop in batch:
+                conn.execute("SAVEPOINT t")
+                try:
+                    for sql, params, many in ops:
+                        if many:
+                            conn.executemany(sql, params)  # type: ignore[arg-type]
+                        else:
+                            conn.execute(sql, params)
+                    conn.execute("RELEASE t")
+                    outcomes.append(None)
+                except sqlite3.Error as exc:
+                    conn.execute("ROLLBACK TO t")
+                    conn.execute("RELEASE t")
+                    outcomes.append(StoreError(f"transition not written: {exc}"))
+            conn.execute("COMMIT")
+            self.commits += 1
+            self.transitions += len(batch)
+        except sqlite3.Error as exc:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            log.error("commit of %d transition(s) failed: %s", len(batch), exc)
+            outcomes = [StoreError(f"commit failed: {exc}")] * len(batch)
+        by_loop: dict[Any, list[tuple[asyncio.Future[None], BaseException | None]]] = {}
+        for (ops, future, loop), outcome in zip(batch, outcomes):
+            by_loop.setdefault(loop, []).append((future, outcome))
+        for loop, results in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, results)
+            except RuntimeError:  # loop closed: nobody waits any more
+                pass
+
+    # -- reading -----------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._read_conn is None:
+            self._read_conn = self._connect()
+        return self._read_conn
+
+    async def read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._reader, lambda: fn(self._conn()))
+
+    def read_now(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Blocking read, for start-up and command-line tools only."""
+        return self._reader.submit(lambda: fn(self._conn())).result()
+
+    async def max_instance_id(self) -> int:
+        return await self.read(lambda c: c.execute("SELECT COALESCE(MAX(id), 0) FROM instances").fetchone()[0])
+
+    async def load_instances(self, ids: Iterable[int]) -> list[InstanceRow]:
+        wanted = list(ids)
+
+        def q(c: sqlite3.Connection) -> list[InstanceRow]:
+            out = []
+            for i in range(0, len(wanted), 500):
+                chunk = wanted[i:i + 500]
+                marks = ",".join("?" * len(chunk))
+                out += [_instance_row(r) for r in c.execute(
+                    f"SELECT * FROM instances WHERE id IN ({marks})", chunk)]
+            return out
+        return await self.read(q)
+
+    async def list_instances(self, include_finished: bool, limit: int = 200) -> list[InstanceRow]:
+        if include_finished:
+            sql = "SELECT * FROM instances ORDER BY id DESC LIMIT ?"
+        else:
+            sql = ("SELECT * FROM instances WHERE status IN ('running', 'waiting', 'failed') "
+                   "ORDER BY id DESC LIMIT ?")
+        return await self.read(lambda c: [_instance_row(r) for r in c.execute(sql, (limit,))])
+
+    async def history(self, instance_id: int) -> list[HistoryRow]:
+        sql = ("SELECT instance_id, at, path, step, event, actor, detail FROM history "
+               "WHERE instance_id = ? ORDER BY id")
+        return await self.read(lambda c: [HistoryRow(*r) for r in c.execute(sql, (instance_id,))])
+
+    async def due_timers(self, now: float, limit: int = 5000) -> list[TimerRow]:
+        sql = ("SELECT instance_id, path, kind, name, due, fired FROM timers "
+               "WHERE fired = 0 AND due <= ? ORDER BY due LIMIT ?")
+        return await self.read(lambda c: [TimerRow(*r) for r in c.execute(sql, (now, limit))])
+
+    async def next_due(self) -> float | None:
+        return await self.read(lambda c: c.execute(
+            "SELECT MIN(due) FROM timers WHERE fired = 0").fetchone()[0])
+
+    async def fired_timers(self) -> list[TimerRow]:
+        sql = "SELECT instance_id, path, kind, name, due, fired FROM timers WHERE fired = 1"
+        return await self.read(lambda c: [TimerRow(*r) for r in c.execute(sql)])
+
+    async def timers_of(self, instance_id: int) -> list[TimerRow]:
+        sql = ("SELECT instance_id, path, kind, name, due, fired FROM timers "
+               "WHERE instance_id = ? ORDER BY due")
+        return await self.read(lambda c: [TimerRow(*r) for r in c.execute(sql, (instance_id,))])
+
+    async def schedule_timers(self) -> dict[str, float]:
+        sql = "SELECT path, due FROM timers WHERE instance_id = 0 AND kind = 'schedule'"
+        return await self.read(lambda c: dict(c.execute(sql).fetchall()))
+
+    async def schedules(self) -> dict[str, tuple[str, float | None]]:
+        return await self.read(lambda c: {n: (cron, last) for n, cron, last in
+                                          c.execute("SELECT name, cron, last_run FROM schedules")})
+
+    async def workitems(self, *, state: str | None = None, instance_id: int | None = None,
+                        keys: Iterable[str] | None = None) -> list[WorkitemRow]:
+        where, args = [], []
+        if state is not None:
+            where.append("state = ?")
+            args.append(state)
+        if instance_id is not None:
+            where.append("instance_id = ?")
+            args.append(instance_id)
+        if keys is not None:
+            klist = list(keys)
+            if not klist:
+                return []
+            where.append(f"key IN ({','.join('?' * len(klist))})")
+            args.extend(klist)
+        sql = "SELECT * FROM workitems" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY created"
+        return await self.read(lambda c: [_workitem_row(r) for r in c.execute(sql, args)])
+
+    # -- building transitions (pure: no I/O) -------------------------------------
+
+    @staticmethod
+    def instance_op(rows: list[tuple[Any, ...]]) -> Op:
+        return ("INSERT OR REPLACE INTO instances (id, process, status, parent_id, parent_path, project, "
+                "fields, runs, serial, error, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows, True)
+
+    @staticmethod
+    def history_op(rows: list[tuple[Any, ...]]) -> Op:
+        return ("INSERT INTO history (instance_id, at, path, step, event, actor, detail) "
+                "VALUES (?,?,?,?,?,?,?)", rows, True)
+
+    @staticmethod
+    def workitem_insert_op(rows: list[tuple[Any, ...]]) -> Op:
+        return ("INSERT OR REPLACE INTO workitems (key, instance_id, process, path, step, participant, state, "
+                "params, fields, created) VALUES (?,?,?,?,?,?,'dispatched',?,?,?)", rows, True)
+
+    @staticmethod
+    def workitem_state_op(keys: list[str], state: str) -> Op:
+        return ("UPDATE workitems SET state = ? WHERE key = ?", [(state, k) for k in keys], True)
+
+    @staticmethod
+    def workitem_delete_op(keys: list[str]) -> Op:
+        return ("DELETE FROM workitems WHERE key = ?", [(k,) for k in keys], True)
+
+    @staticmethod
+    def timer_insert_op(rows: list[tuple[int, str, str, str, float]]) -> Op:
+        return ("INSERT OR REPLACE INTO timers (instance_id, path, kind, name, due, fired) "
+                "VALUES (?,?,?,?,?,0)", rows, True)
+
+    @staticmethod
+    def timer_delete_op(rows: list[tuple[int, str, str, str]]) -> Op:
+        return ("DELETE FROM timers WHERE instance_id = ? AND path = ? AND kind = ? AND name = ?", rows, True)
+
+    @staticmethod
+    def timer_delete_step_op(rows: list[tuple[int, str]]) -> Op:
+        return ("DELETE FROM timers WHERE instance_id = ? AND path = ?", rows, True)
+
+    @staticmethod
+    def timer_fired_op(rows: list[tuple[int, str, str, str]]) -> Op:
+        return ("UPDATE timers SET fired = 1 WHERE instance_id = ? AND path = ? AND kind = ? AND name = ?",
+                rows, True)
+
+    @staticmethod
+    def schedule_ops(name: str, cron: str, last_run: float | None, next_due: float | None) -> list[Op]:
+        ops: list[Op] = [("INSERT INTO schedules (name, cron, last_run) VALUES (?,?,?) ON CONFLICT(name) "
+                          "DO UPDATE SET cron = excluded.cron, last_run = COALESCE(excluded.last_run, last_run)",
+                          (name, cron, last_run), False)]
+        if next_due is None:
+            ops.append(("DELETE FROM timers WHERE instance_id = 0 AND kind = 'schedule' AND path = ?",
+                        (name,), False))
+        else:
+            ops.append(("INSERT OR REPLACE INTO timers (instance_id, path, kind, name, due, fired) "
+                        "VALUES (0, ?, 'schedule', '', ?, 0)", (name, next_due), False))
+        return ops
+
+    @staticmethod
+    def schedule_forget_op(name: str) -> list[Op]:
+        return [("DELETE FROM schedules WHERE name = ?", (name,), False),
+                ("DELETE FROM timers WHERE instance_id = 0 AND kind = 'schedule' AND path = ?", (name,), False)]
+
+
+def _resolve(results: list[tuple["asyncio.Future[None]", BaseException | None]]) -> None:
+    for future, outcome in results:
+        if future.done():
+            continue
+        if outcome is None:
+            future.set_result(None)
+        else:
+            future.set_exception(outcome)
+
+
+def _instance_row(r: tuple[Any, ...]) -> InstanceRow:
+    return InstanceRow(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), json.loads(r[7]),
+                       r[8], r[9], r[10], r[11])
+
+
+def _workitem_row(r: tuple[Any, ...]) -> WorkitemRow:
+    return WorkitemRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], json.loads(r[7]), json.loads(r[8]), r[9])

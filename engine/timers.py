@@ -1,0 +1,144 @@
+"""Timers: SQLite holds every one (step timeouts, waits, retries, reminders,
+schedules); APScheduler fires them in-process.
+
+APScheduler is not the source of truth and does not hold every timer: it
+holds one job, armed at the earliest due time found through the ``timers``
+index.  When it fires, every timer due by then is handled as one batch (one
+commit), and the job is re-armed at the next due time.  So restart cost and
+memory stay flat however many instances wait, and nothing is ever dropped as
+"missed": the job has no misfire grace limit, and a timer overdue at start
+(the bot was down) fires once, at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Awaitable, Callable, Protocol
+
+from engine.store import Store, TimerRow
+
+log = logging.getLogger(__name__)
+
+
+class Clock(Protocol):
+    def now(self) -> float: ...
+
+
+class SystemClock:
+    def now(self) -> float:
+        return time.time()
+
+
+class ManualClock:
+    """For tests: time moves only when told to."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.t = start
+
+    def now(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+def next_cron(cron: str, after: float, tz: str = "UTC") -> float:
+    """The first fire time of a crontab expression strictly after ``after``."""
+    from apscheduler.triggers.cron import CronTrigger
+
+    trigger = CronTrigger.from_crontab(cron, timezone=tz)
+    start = datetime.fromtimestamp(after, timezone.utc)
+    nxt = trigger.get_next_fire_time(None, start)
+    if nxt is not None and nxt.timestamp() <= after:
+        nxt = trigger.get_next_fire_time(nxt, datetime.fromtimestamp(after + 1, timezone.utc))
+    if nxt is None:
+        raise ValueError(f"cron {cron!r} never fires")
+    return nxt.timestamp()
+
+
+def check_cron(cron: str, tz: str = "UTC") -> str | None:
+    from apscheduler.triggers.cron import CronTrigger
+
+    try:
+        CronTrigger.from_crontab(cron, timezone=tz)
+    except Exception as exc:  # APScheduler raises ValueError and friends
+        return f"bad cron expression {cron!r}: {exc}"
+    return None
+
+
+class TimerService:
+    def __init__(self, store: Store, fire: Callable[[list[TimerRow]], Awaitable[None]],
+                 clock: Clock, use_scheduler: bool = True, batch: int = 5000) -> None:
+        self.store = store
+        self._fire = fire
+        self.clock = clock
+        self.use_scheduler = use_scheduler
+        self.batch = batch
+        self._scheduler = None
+        self._armed: float | None = None
+        self._lock = asyncio.Lock()
+        self.fired = 0
+
+    async def start(self) -> None:
+        if self.use_scheduler:
+            from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+            self._scheduler = AsyncIOScheduler(
+                event_loop=asyncio.get_running_loop(), timezone=timezone.utc,
+                job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1})
+            self._scheduler.start()
+        await self.rearm()
+
+    def stop(self) -> None:
+        if self._scheduler is not None and self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
+        self._scheduler = None
+
+    async def rearm(self) -> None:
+        due = await self.store.next_due()
+        self._armed = None
+        if due is not None:
+            self._arm(due)
+
+    def notify(self, due: float) -> None:
+        """A transition added a timer due at ``due``: arm earlier if needed."""
+        if self._armed is None or due < self._armed:
+            self._arm(due)
+
+    def _arm(self, due: float) -> None:
+        self._armed = due
+        if self._scheduler is None:
+            return
+        from apscheduler.triggers.date import DateTrigger
+
+        self._scheduler.add_job(self.fire_due, DateTrigger(datetime.fromtimestamp(due, timezone.utc)),
+                                id="engine-timers", replace_existing=True)
+
+    @property
+    def armed(self) -> float | None:
+        return self._armed
+
+    async def fire_due(self) -> int:
+        """Handle every timer due now, in batches of one commit each; re-arm."""
+        count = 0
+        async with self._lock:
+            self._armed = None
+            while True:
+                rows = await self.store.due_timers(self.clock.now(), self.batch)
+                if rows:
+                    try:
+                        await self._fire(rows)
+                    except Exception:
+                        log.exception("firing %d timer(s) failed; retrying in 5 s", len(rows))
+                        self._arm(self.clock.now() + 5)
+                        return count
+                    count += len(rows)
+                if len(rows) < self.batch:
+                    break
+            self.fired += count
+            due = await self.store.next_due()
+            if due is not None and (self._armed is None or due < self._armed):
+                self._arm(due)
+        return count
