@@ -134,7 +134,7 @@ class Engine:
                      len(redo), len(cancelling))
 
     async def stop(self) -> None:
-        self.timers.stop()
+        await self.timers.stop()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()

@@ -156,6 +156,7 @@ class Store:
             raise ValueError(f"bad synchronous mode {synchronous!r}")
         self.synchronous = synchronous.upper()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._outgoing: list[Any] = []
         self._writer: threading.Thread | None = None
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="store-read")
         self._read_conn: sqlite3.Connection | None = None
@@ -206,11 +207,22 @@ class Store:
     # -- writing -----------------------------------------------------------------
 
     def commit(self, ops: list[Op]) -> "asyncio.Future[None]":
-        """Queue one atomic transition; the future resolves once it is durable."""
+        """Queue one atomic transition; the future resolves once it is durable.
+
+        Transitions queued during one pass of the event loop go to the writer
+        together at the end of that pass (``call_soon``): everything that
+        became ready at once shares one fsync, and a lone transition waits
+        for nothing but the current pass to finish."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        self._queue.put((ops, future, loop))
+        if not self._outgoing:
+            loop.call_soon(self._flush)
+        self._outgoing.append((ops, future, loop))
         return future
+
+    def _flush(self) -> None:
+        batch, self._outgoing = self._outgoing, []
+        self._queue.put(batch)
 
     def _write_loop(self) -> None:
         conn = self._connect()
@@ -219,7 +231,7 @@ class Store:
                 item = self._queue.get()
                 if item is None:
                     return
-                batch = [item]
+                batch = list(item)
                 stop = False
                 while len(batch) < 5000:
                     try:
@@ -229,7 +241,7 @@ class Store:
                     if more is None:
                         stop = True
                         break
-                    batch.append(more)
+                    batch.extend(more)
                 self._write_batch(conn, batch)
                 if stop:
                     return
@@ -237,6 +249,54 @@ class Store:
             conn.close()
 
     def _write_batch(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
+        try:
+            self._write_fast(conn, batch)
+            outcomes: list[BaseException | None] = [None] * len(batch)
+        except sqlite3.Error:
+            outcomes = self._write_isolated(conn, batch)
+        by_loop: dict[Any, list[tuple[asyncio.Future[None], BaseException | None]]] = {}
+        for (ops, future, loop), outcome in zip(batch, outcomes):
+            by_loop.setdefault(loop, []).append((future, outcome))
+        for loop, results in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, results)
+            except RuntimeError:  # loop closed: nobody waits any more
+                pass
+
+    def _write_fast(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
+        """The whole batch in one transaction.  Instance rows and history rows
+        are only ever written by these two statements, so each is gathered
+        into one executemany (relative order kept); every other statement runs
+        in its transition's order."""
+        instance_rows: list[Any] = []
+        history_rows: list[Any] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for ops, _future, _loop in batch:
+                for sql, params, many in ops:
+                    if sql is _INSTANCE_SQL:
+                        instance_rows.extend(params)  # type: ignore[arg-type]
+                    elif sql is _HISTORY_SQL:
+                        history_rows.extend(params)  # type: ignore[arg-type]
+                    elif many:
+                        conn.executemany(sql, params)  # type: ignore[arg-type]
+                    else:
+                        conn.execute(sql, params)
+            if instance_rows:
+                conn.executemany(_INSTANCE_SQL, instance_rows)
+            if history_rows:
+                conn.executemany(_HISTORY_SQL, history_rows)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            log.warning("batch of %d transition(s) failed (%s); writing them one by one", len(batch), exc)
+            conn.execute("ROLLBACK")
+            raise
+        self.commits += 1
+        self.transitions += len(batch)
+
+    def _write_isolated(self, conn: sqlite3.Connection, batch: list[Any]) -> list[BaseException | None]:
+        """Slow path after a failed batch: each transition in its own savepoint,
+        so one bad transition cannot take the others down."""
         outcomes: list[BaseException | None] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -253,6 +313,7 @@ class Store:
                 except sqlite3.Error as exc:
                     conn.execute("ROLLBACK TO t")
                     conn.execute("RELEASE t")
+                    log.error("transition not written: %s", exc)
                     outcomes.append(StoreError(f"transition not written: {exc}"))
             conn.execute("COMMIT")
             self.commits += 1
@@ -264,14 +325,7 @@ class Store:
                 pass
             log.error("commit of %d transition(s) failed: %s", len(batch), exc)
             outcomes = [StoreError(f"commit failed: {exc}")] * len(batch)
-        by_loop: dict[Any, list[tuple[asyncio.Future[None], BaseException | None]]] = {}
-        for (ops, future, loop), outcome in zip(batch, outcomes):
-            by_loop.setdefault(loop, []).append((future, outcome))
-        for loop, results in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_resolve, results)
-            except RuntimeError:  # loop closed: nobody waits any more
-                pass
+        return outcomes
 
     # -- reading -----------------------------------------------------------------
 
@@ -365,13 +419,11 @@ class Store:
 
     @staticmethod
     def instance_op(rows: list[tuple[Any, ...]]) -> Op:
-        return ("INSERT OR REPLACE INTO instances (id, process, status, parent_id, parent_path, project, "
-                "fields, runs, serial, error, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows, True)
+        return (_INSTANCE_SQL, rows, True)
 
     @staticmethod
     def history_op(rows: list[tuple[Any, ...]]) -> Op:
-        return ("INSERT INTO history (instance_id, at, path, step, event, actor, detail) "
-                "VALUES (?,?,?,?,?,?,?)", rows, True)
+        return (_HISTORY_SQL, rows, True)
 
     @staticmethod
     def workitem_insert_op(rows: list[tuple[Any, ...]]) -> Op:
@@ -421,6 +473,14 @@ class Store:
     def schedule_forget_op(name: str) -> list[Op]:
         return [("DELETE FROM schedules WHERE name = ?", (name,), False),
                 ("DELETE FROM timers WHERE instance_id = 0 AND kind = 'schedule' AND path = ?", (name,), False)]
+
+
+_INSTANCE_SQL = ("INSERT INTO instances (id, process, status, parent_id, parent_path, project, fields, runs, "
+                 "serial, error, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE "
+                 "SET status = excluded.status, fields = excluded.fields, runs = excluded.runs, "
+                 "serial = excluded.serial, error = excluded.error, updated = excluded.updated")
+_HISTORY_SQL = ("INSERT INTO history (instance_id, at, path, step, event, actor, detail) "
+                "VALUES (?,?,?,?,?,?,?)")
 
 
 def _resolve(results: list[tuple["asyncio.Future[None]", BaseException | None]]) -> None:

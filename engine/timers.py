@@ -91,10 +91,12 @@ class TimerService:
             self._scheduler.start()
         await self.rearm()
 
-    def stop(self) -> None:
-        if self._scheduler is not None and self._scheduler.running:
-            self._scheduler.shutdown(wait=False)
-        self._scheduler = None
+    async def stop(self) -> None:
+        """Let a batch being fired finish (it is one commit), then stop."""
+        async with self._lock:
+            if self._scheduler is not None and self._scheduler.running:
+                self._scheduler.shutdown(wait=False)
+            self._scheduler = None
 
     async def rearm(self) -> None:
         due = await self.store.next_due()

@@ -1,0 +1,210 @@
+#!/usr/bin/env python3
+"""Engine benchmarks.  Prints one ``name=value`` line per figure, each the
+median of several runs.
+
+  durable_processes_per_s   5-step process (start, participant, participant that goes
+                            pending and is answered, participant, end), synchronous=FULL
+  restart_ready_s           a new process, 10,000 waiting instances with a timer each:
+                            from spawn to re-armed and serving a command
+  timer_lateness_p99_ms     1,000 timers due at one instant: due -> committed
+  rss_mb_10k_waiting        resident memory of that process with 10,000 waiting instances
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(HERE))
+
+from engine.definitions import parse_definition  # noqa: E402
+from engine.engine import Engine  # noqa: E402
+from engine.participants import Participant, ParticipantRegistry, Reply, Workitem  # noqa: E402
+from engine.sourcefile import loads_yaml  # noqa: E402
+from engine.store import Store  # noqa: E402
+
+FIVE_STEPS = textwrap.dedent("""
+    name: five
+    steps:
+      - participant: quick
+      - participant: approval
+      - participant: quick
+""")
+WAITING = textwrap.dedent("""
+    name: waiting
+    steps:
+      - participant: approval
+        timeout: 1h
+""")
+TIMED = textwrap.dedent("""
+    name: timed
+    steps:
+      - wait: 2s
+""")
+
+
+class Quick(Participant):
+    name = "quick"
+
+    async def consume(self, workitem: Workitem) -> Reply:
+        return Reply.done()
+
+
+class Approval(Participant):
+    """Goes pending; the benchmark answers as soon as the pending is announced."""
+    name = "approval"
+
+    async def consume(self, workitem: Workitem) -> Reply:
+        return Reply.pending()
+
+
+def specs(*texts: str) -> dict:
+    names = frozenset({"quick", "approval"})
+    out = {}
+    for text in texts:
+        spec, problems = parse_definition(loads_yaml(text, "bench.yaml"), "bench.yaml", "x", names)
+        assert spec is not None, problems
+        out[spec.name] = spec
+    return out
+
+
+async def durable_run(n: int, workdir: Path) -> float:
+    store = Store(workdir / f"durable-{time.monotonic_ns()}.sqlite3", synchronous="FULL")
+    store.open()
+    engine = Engine(store, specs(FIVE_STEPS), ParticipantRegistry([Quick(), Approval()]), use_scheduler=False)
+    await engine.start()
+    done = asyncio.Event()
+    finished = 0
+
+    answers: set[asyncio.Task] = set()
+
+    async def on_event(event):  # type: ignore[no-untyped-def]
+        nonlocal finished
+        if event.event == "pending":
+            # people answer independently of each other: one task per answer
+            key = engine._instances[event.instance_id].runs[event.path]["k"]
+            task = asyncio.ensure_future(engine.reply(key, Reply.done({"approved": True}), actor="bench"))
+            answers.add(task)
+            task.add_done_callback(answers.discard)
+        elif event.event == "completed":
+            finished += 1
+            if finished == n:
+                done.set()
+    engine.bus.subscribe(on_event, ["pending", "completed"])
+    t0 = time.perf_counter()
+    await asyncio.gather(*(engine.launch("five", {"n": i}) for i in range(n)))
+    await done.wait()
+    elapsed = time.perf_counter() - t0
+    await engine.stop()
+    store.close()
+    return n / elapsed
+
+
+async def populate_waiting(db: Path, n: int) -> None:
+    store = Store(db, synchronous="NORMAL")
+    store.open()
+    engine = Engine(store, specs(WAITING), ParticipantRegistry([Quick(), Approval()]), use_scheduler=False)
+    await engine.start()
+    for start in range(0, n, 1000):
+        await asyncio.gather(*(engine.launch("waiting", {"i": i}) for i in range(start, min(n, start + 1000))))
+    await engine.idle()
+    await engine.stop()
+    store.close()
+
+
+CHILD = textwrap.dedent("""
+    import asyncio, os, sys, time
+    sys.path.insert(0, {home!r})
+    sys.argv = ['bench']
+    t_import = time.perf_counter()
+    from bench.engine import specs, WAITING, Quick, Approval
+    from engine.engine import Engine
+    from engine.participants import ParticipantRegistry
+    from engine.store import Store
+
+    async def main():
+        store = Store({db!r}); store.open()
+        engine = Engine(store, specs(WAITING), ParticipantRegistry([Quick(), Approval()]))
+        await engine.start()
+        await engine.instances()          # serving: answer a 'ps'
+        print('ready', flush=True)
+        rss = 0
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmRSS:'):
+                    rss = int(line.split()[1]) / 1024
+        print('rss', rss, 'armed', engine.timers.armed, flush=True)
+        await engine.stop(); store.close()
+    asyncio.run(main())
+""")
+
+
+def restart_run(db: Path) -> tuple[float, float]:
+    code = CHILD.format(home=str(HERE), db=str(db))
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    ready = time.perf_counter() - t0
+    assert line.strip() == "ready", line
+    rss_line = proc.stdout.readline().split()
+    proc.wait(30)
+    return ready, float(rss_line[1])
+
+
+async def lateness_run(n: int, workdir: Path) -> float:
+    store = Store(workdir / f"timers-{time.monotonic_ns()}.sqlite3", synchronous="FULL")
+    store.open()
+    engine = Engine(store, specs(TIMED), ParticipantRegistry([Quick(), Approval()]))
+    await engine.start()
+    late: list[float] = []
+    due: dict[int, float] = {}
+    done = asyncio.Event()
+
+    async def on_event(event):  # type: ignore[no-untyped-def]
+        if event.event == "wait over":
+            late.append(time.time() - due[event.instance_id])
+            if len(late) == n:
+                done.set()
+    engine.bus.subscribe(on_event, ["wait over"])
+    # all n launched in one transition batch so their timers share one due instant
+    ids = await asyncio.gather(*(engine.launch("timed") for _ in range(n)))
+    rows = await store.read(lambda c: c.execute("SELECT instance_id, due FROM timers WHERE kind='wait'").fetchall())
+    common = max(d for _, d in rows)
+    await store.commit([("UPDATE timers SET due = ? WHERE kind = 'wait'", (common,), False)])
+    await engine.timers.rearm()
+    for iid in ids:
+        due[iid] = common
+    await asyncio.wait_for(done.wait(), 30)
+    await engine.stop()
+    store.close()
+    late.sort()
+    return late[int(len(late) * 0.99) - 1] * 1000
+
+
+def main() -> None:
+    runs = int(os.environ.get("BENCH_RUNS", "3"))
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        n = int(os.environ.get("BENCH_PROCESSES", "3000"))
+        rates = [asyncio.run(durable_run(n, work)) for _ in range(runs)]
+        print(f"durable_processes_per_s={statistics.median(rates):.0f}", flush=True)
+
+        db = work / "waiting.sqlite3"
+        asyncio.run(populate_waiting(db, 10_000))
+        results = [restart_run(db) for _ in range(runs)]
+        print(f"restart_ready_s={statistics.median(r[0] for r in results):.3f}", flush=True)
+        late = [asyncio.run(lateness_run(1000, work)) for _ in range(runs)]
+        print(f"timer_lateness_p99_ms={statistics.median(late):.1f}", flush=True)
+        print(f"rss_mb_10k_waiting={statistics.median(r[1] for r in results):.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
