@@ -60,6 +60,7 @@ class Hold(Participant):
     name = "hold"
 
     async def consume(self, workitem: Workitem) -> Reply:
+        log.info("#%d %s: holding workitem %s until answered", workitem.instance_id, workitem.step, workitem.key)
         return Reply.pending()
 
 

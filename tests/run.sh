@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Install everything the tests need and run all of them (slow ones included).
+#   - Debian packages for the real servers the tests start on 127.0.0.1
+#   - a virtual environment in .venv with the bot and its test dependencies
+# Extra arguments go to pytest, e.g.  bash tests/run.sh -m "not slow" -x
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PACKAGES="ngircd inspircd anope prosody lua-unbound"
+missing=""
+for p in $PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+if [ -n "$missing" ]; then
+  echo "installing Debian packages:$missing"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+exec .venv/bin/python -m pytest -q "$@"
