@@ -1,0 +1,96 @@
+"""Cron schedules: they launch their process on time, survive restarts, and
+a run missed while the bot was down is run once or skipped, as configured."""
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from engine.definitions import parse_definition
+from engine.engine import Engine, ScheduleSpec
+from engine.participants import ParticipantRegistry
+from engine.sourcefile import loads_yaml
+from engine.store import Store
+from engine.timers import ManualClock, next_cron
+from participants import discover
+
+HELLO = "name: hello\nsteps:\n  - participant: echo\n    params: {text: 'hi {{ who }}'}\n"
+T0 = datetime(2026, 11, 25, 1, 30, tzinfo=timezone.utc).timestamp()   # 01:30 UTC
+TWO_AM = datetime(2026, 11, 25, 2, 0, tzinfo=timezone.utc).timestamp()
+DAY = 86400
+
+
+async def make(tmp_path: Path, clock: ManualClock, misfire: str = "run_once") -> Engine:
+    registry = ParticipantRegistry(discover())
+    spec, problems = parse_definition(loads_yaml(HELLO, "hello.yaml"), "hello.yaml", "hello", registry.names())
+    assert spec and not problems
+    store = Store(tmp_path / "bot.sqlite3")
+    store.open()
+    engine = Engine(store, {"hello": spec}, registry, clock=clock, use_scheduler=False,
+                    schedules=[ScheduleSpec("nightly", "0 2 * * *", "hello", {"who": "night"}, misfire)])
+    await engine.start()
+    return engine
+
+
+async def close(engine: Engine) -> None:
+    await engine.stop()
+    engine.store.close()
+
+
+async def tick(engine: Engine, clock: ManualClock, seconds: float) -> None:
+    clock.advance(seconds)
+    await engine.timers.fire_due()
+    await engine.idle()
+
+
+def test_next_cron_is_strictly_after() -> None:
+    assert next_cron("0 2 * * *", T0) == TWO_AM
+    assert next_cron("0 2 * * *", TWO_AM) == TWO_AM + DAY
+    assert next_cron("*/15 * * * *", T0 + 1) == T0 + 15 * 60
+
+
+async def test_schedule_launches_at_its_time_and_rearms(tmp_path: Path) -> None:
+    clock = ManualClock(T0)
+    engine = await make(tmp_path, clock)
+    [info] = await engine.schedules()
+    assert (info.next_due, info.last_run) == (TWO_AM, None)
+    assert engine.timers.armed == TWO_AM
+    await tick(engine, clock, 29 * 60)
+    assert await engine.instances(include_finished=True) == []
+    await tick(engine, clock, 60)
+    [run] = await engine.instances(include_finished=True)
+    assert (run.process, run.status) == ("hello", "completed")
+    assert (await engine.describe(run.id)).fields["echo"] == "hi night"
+    assert (await engine.history(run.id))[0].actor == "schedule nightly"
+    [info] = await engine.schedules()
+    assert (info.next_due, info.last_run) == (TWO_AM + DAY, T0 + 30 * 60)
+    await close(engine)
+
+
+@pytest.mark.parametrize("misfire, launched", [("run_once", 1), ("skip", 0)])
+async def test_runs_missed_while_down(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                      misfire: str, launched: int) -> None:
+    clock = ManualClock(T0)
+    await close(await make(tmp_path, clock, misfire))
+    clock.advance(3 * DAY)                        # down over three 02:00 runs
+    caplog.set_level(logging.WARNING, "engine.engine")
+    engine = await make(tmp_path, clock, misfire)
+    await tick(engine, clock, 0)                  # what APScheduler does at once with an overdue job
+    assert len(await engine.instances(include_finished=True)) == launched
+    [info] = await engine.schedules()
+    assert info.next_due == TWO_AM + 3 * DAY
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("schedule nightly missed its run" in m and misfire in m for m in messages), messages
+    await close(engine)
+
+
+async def test_restart_before_due_keeps_the_schedule_without_launching(tmp_path: Path) -> None:
+    clock = ManualClock(T0)
+    await close(await make(tmp_path, clock))
+    engine = await make(tmp_path, clock)
+    assert await engine.instances(include_finished=True) == []
+    [info] = await engine.schedules()
+    assert info.next_due == TWO_AM
+    await close(engine)
