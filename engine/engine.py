@@ -280,29 +280,57 @@ class Engine:
         inst = self._instances.get(iid)
         if inst is not None:
             return inst
-        loading = self._loading.get(iid)
-        if loading is not None:
-            return await loading
-        future: asyncio.Future[Instance | None] = asyncio.get_running_loop().create_future()
-        self._loading[iid] = future
-        try:
-            rows = await self.store.load_instances([iid])
-            inst = None
-            if rows:
-                spec = self.specs.get(rows[0].process)
-                if spec is None:
-                    raise EngineError(f"#{iid}: process {rows[0].process!r} is no longer defined")
-                inst = self._from_row(rows[0], spec)
-                if not inst.status.finished:
-                    self._instances[iid] = inst
-            future.set_result(inst)
-            return inst
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved
-            raise
-        finally:
-            del self._loading[iid]
+        return (await self._load([iid])).get(iid)
+
+    async def _load(self, ids: Iterable[int]) -> dict[int, Instance]:
+        """Instances by id, from the cache or SQLite.  Each id is read once even
+        when several callers ask at the same time (one object per instance)."""
+        found: dict[int, Instance] = {}
+        waits: list[tuple[int, asyncio.Future[Instance | None]]] = []
+        todo: list[int] = []
+        for iid in dict.fromkeys(ids):
+            if iid in self._instances:
+                found[iid] = self._instances[iid]
+            elif iid in self._loading:
+                waits.append((iid, self._loading[iid]))
+            else:
+                todo.append(iid)
+        if todo:
+            loop = asyncio.get_running_loop()
+            futures = {iid: loop.create_future() for iid in todo}
+            self._loading.update(futures)
+            try:
+                rows = {r.id: r for r in await self.store.load_instances(todo)}
+                for iid in todo:
+                    inst = None
+                    row = rows.get(iid)
+                    if row is not None:
+                        inst = self._instances.get(iid) or await self._revive(row)
+                        if not inst.status.finished:
+                            self._instances[iid] = inst
+                    futures[iid].set_result(inst)
+                    if inst is not None:
+                        found[iid] = inst
+            except BaseException as exc:
+                for future in futures.values():
+                    if not future.done():
+                        future.set_exception(exc)
+                        future.exception()  # retrieved: the caller gets exc itself
+                raise
+            finally:
+                for iid in todo:
+                    self._loading.pop(iid, None)
+        for iid, future in waits:
+            inst = await future
+            if inst is not None:
+                found[iid] = inst
+        return found
+
+    async def _revive(self, row: InstanceRow) -> Instance:
+        spec = self.specs.get(row.process)
+        if spec is None:
+            raise EngineError(f"#{row.id}: process {row.process!r} is no longer defined")
+        return self._from_row(row, spec)
 
     async def _require(self, iid: int) -> Instance:
         inst = await self._get(iid)
@@ -486,14 +514,7 @@ class Engine:
                 await self._fire_schedule(row)
         if not steps:
             return
-        missing = [r.instance_id for r in steps if r.instance_id not in self._instances]
-        if missing:
-            for loaded in await self.store.load_instances(set(missing)):
-                spec = self.specs.get(loaded.process)
-                if spec is not None and loaded.id not in self._instances and loaded.status != "completed":
-                    inst = self._from_row(loaded, spec)
-                    if not inst.status.finished:
-                        self._instances[loaded.id] = inst
+        await self._load(r.instance_id for r in steps)   # one read for the whole batch
 
         def on_timer(row: TimerRow) -> Action:
             key = TimerKey(row.instance_id, row.path, row.kind, row.name)

@@ -80,6 +80,7 @@ class TimerService:
         self._armed: float | None = None
         self._lock = asyncio.Lock()
         self.fired = 0
+        self.sweep_seconds = 30.0
 
     async def start(self) -> None:
         if self.use_scheduler:
@@ -87,9 +88,24 @@ class TimerService:
 
             self._scheduler = AsyncIOScheduler(
                 event_loop=asyncio.get_running_loop(), timezone=timezone.utc,
-                job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1})
+                # never drop a run: no misfire grace limit, and no cap on runs that
+                # overlap (APScheduler 3 *skips* a run of a job still running, and a
+                # skipped date job is gone); fire_due serialises itself with its lock
+                job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1_000_000})
             self._scheduler.start()
+            from apscheduler.triggers.interval import IntervalTrigger
+
+            self._scheduler.add_job(self._sweep, IntervalTrigger(seconds=self.sweep_seconds),
+                                    id="engine-timers-sweep")
         await self.rearm()
+
+    async def _sweep(self) -> None:
+        """Safety net: a timer overdue by more than a sweep means the alarm was
+        lost somewhere; fire it and say so."""
+        due = await self.store.next_due()
+        if due is not None and due < self.clock.now() - self.sweep_seconds and not self._lock.locked():
+            log.warning("timer due at %.3f was not fired by its alarm; firing it now", due)
+            await self.fire_due()
 
     async def stop(self) -> None:
         """Let a batch being fired finish (it is one commit), then stop."""

@@ -76,7 +76,11 @@ def test_uninterrupted_run_gives_the_expected_trace(tmp_path: Path) -> None:
     bot = Bot(home).start()
     try:
         launch(bot, out, 2)
-        wait_until(lambda: set(bot.statuses().values()) == {"completed"}, 15, "completion")
+        try:
+            wait_until(lambda: set(bot.statuses().values()) == {"completed"}, 15, "completion")
+        except AssertionError:
+            print("\n".join(bot.log))        # shown by pytest on failure
+            raise
         check_all_done(bot, out, 2)
     finally:
         bot.stop()
