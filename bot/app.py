@@ -41,7 +41,8 @@ class App:
     def __post_init__(self) -> None:
         cfg = self.config
         self.store = Store(cfg.database, synchronous=cfg.durability.upper())
-        self.engine = Engine(self.store, cfg.specs, self.participants, schedules=cfg.schedules)
+        self.engine = Engine(self.store, cfg.specs, self.participants, schedules=cfg.schedules,
+                             timezone=cfg.timezone)
         self.dispatcher = Dispatcher(self.engine, Directory(cfg.users), default_registry(),
                                      cooldown=Cooldown(cfg.rate_commands, cfg.rate_window))
         self.router = Router(self.dispatcher, max_room_lines=cfg.max_room_lines)

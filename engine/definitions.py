@@ -20,12 +20,13 @@ the common attributes ``id``, ``timeout``, ``on_timeout``, ``on_error`` and
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from engine.sourcefile import ConfigError, Node, NodeList, Problem, load_yaml, parse_duration
+from engine.sourcefile import ConfigError, Node, NodeList, Problem, loads_yaml, parse_duration
 from engine.templating import check_expression, check_template
 
 EXPRESSIONS = ("participant", "sequence", "concurrence", "if", "wait", "repeat",
@@ -102,6 +103,8 @@ class ProcessSpec:
     root: StepSpec
     steps: Mapping[str, StepSpec] = field(repr=False, default_factory=dict)
     parents: Mapping[str, str] = field(repr=False, default_factory=dict)
+    source: str = field(repr=False, default="")   # the YAML text: stored with the instances that use it
+    digest: str = ""                               # identifies this version of the definition
 
     def step(self, path: str) -> StepSpec:
         return self.steps[path]
@@ -383,8 +386,8 @@ def _parse_until_ok(text: str) -> bool:
         return False
 
 
-def parse_definition(data: Any, file: str, stem: str,
-                     participants: frozenset[str] | None) -> tuple[ProcessSpec | None, list[Problem]]:
+def parse_definition(data: Any, file: str, stem: str, participants: frozenset[str] | None,
+                     source: str = "") -> tuple[ProcessSpec | None, list[Problem]]:
     p = _Parser(file, participants)
     if not isinstance(data, Node):
         p.problem(1, "a process definition must be a mapping with at least 'steps'")
@@ -425,7 +428,8 @@ def parse_definition(data: Any, file: str, stem: str,
     p.steps[""] = root
     spec = ProcessSpec(name=name, file=file, description=str(data.get("description", "")),
                        project=project, launch_roles=tuple(roles), fields=dict(fields), root=root,
-                       steps=dict(p.steps), parents=dict(p.parents))
+                       steps=dict(p.steps), parents=dict(p.parents), source=source,
+                       digest=hashlib.sha256(source.encode()).hexdigest()[:16] if source else "")
     return (None if p.problems else spec), p.problems
 
 
@@ -439,11 +443,15 @@ def load_definitions(directory: Path, participants: frozenset[str] | None = None
     for path in files:
         display = str(path.relative_to(base)) if base and path.is_relative_to(base) else str(path)
         try:
-            data = load_yaml(path, display)
+            source = path.read_text(encoding="utf-8")
+            data = loads_yaml(source, display)
+        except OSError as exc:
+            problems.append(Problem(display, 0, f"cannot read: {exc.strerror}"))
+            continue
         except ConfigError as exc:
             problems.extend(exc.problems)
             continue
-        spec, found = parse_definition(data, display, path.stem, participants)
+        spec, found = parse_definition(data, display, path.stem, participants, source)
         problems.extend(found)
         if spec is None:
             continue

@@ -18,19 +18,22 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from zoneinfo import ZoneInfo
 from typing import Any, Awaitable, Callable, Iterable, Mapping
 
-from engine.definitions import ProcessSpec
+from engine.definitions import ProcessSpec, parse_definition
 from engine.errors import EngineError, NoSuchInstance, NoSuchWorkitem, UnknownProcess
 from engine.events import Event, EventBus
 from engine.instances import (ACTIVE, CancelInstance, ChildFinished, Instance, Launch, Status, TimerKey,
                               Transition)
 from engine.participants import ParticipantRegistry, Reply, Workitem
+from engine.sourcefile import loads_yaml
 from engine.store import InstanceRow, Op, Store, TimerRow, WorkitemRow, dumps
 from engine.timers import Clock, SystemClock, TimerService, next_cron
 
 log = logging.getLogger(__name__)
 
+_ACTIVE_NAMES = frozenset(s.value for s in ACTIVE)
 Action = Callable[[Instance | None, Transition], Any]
 
 
@@ -98,7 +101,8 @@ class InstanceDetail:
 class Engine:
     def __init__(self, store: Store, specs: Mapping[str, ProcessSpec], participants: ParticipantRegistry,
                  *, clock: Clock | None = None, bus: EventBus | None = None,
-                 schedules: Iterable[ScheduleSpec] = (), use_scheduler: bool = True) -> None:
+                 schedules: Iterable[ScheduleSpec] = (), use_scheduler: bool = True,
+                 timezone: str = "UTC") -> None:
         self.store = store
         self.specs = dict(specs)
         self.participants = participants
@@ -109,6 +113,8 @@ class Engine:
         self._instances: dict[int, Instance] = {}
         self._loading: dict[int, asyncio.Future[Instance | None]] = {}
         self._next_id = 1
+        self.tz = ZoneInfo(timezone)
+        self._old_specs: dict[str, ProcessSpec] = {}     # earlier versions still running somewhere
         self._tasks: set[asyncio.Task[Any]] = set()
         self.started = False
 
@@ -116,6 +122,9 @@ class Engine:
 
     async def start(self) -> None:
         self._next_id = await self.store.max_instance_id() + 1
+        now = self.clock.now()
+        await self.store.commit([self.store.definition_op(
+            [(s.digest, s.name, s.source, now) for s in self.specs.values() if s.digest])])
         for participant in self.participants.all():
             await participant.setup(self)
         await self._sync_schedules()
@@ -197,6 +206,12 @@ class Engine:
 
     async def instances(self, include_finished: bool = False, limit: int = 200) -> list[InstanceSummary]:
         rows = await self.store.list_instances(include_finished, limit)
+        for row in rows:
+            if row.status in _ACTIVE_NAMES and self._known_spec(row) is None:
+                try:
+                    await self._spec_of(row)
+                except EngineError:
+                    pass
         return [self._summary(r) for r in rows]
 
     async def summary(self, instance_id: int) -> InstanceSummary:
@@ -211,7 +226,10 @@ class Engine:
             raise NoSuchInstance(f"no instance #{instance_id}")
         row = rows[0]
         steps = []
-        spec = self.specs.get(row.process)
+        try:
+            spec: ProcessSpec | None = await self._spec_of(row)
+        except EngineError:
+            spec = None
         for path, run in sorted(row.runs.items()):
             if run["s"] == "active":
                 continue
@@ -244,8 +262,8 @@ class Engine:
 
     def _summary(self, row: InstanceRow) -> InstanceSummary:
         waiting = ""
-        spec = self.specs.get(row.process)
-        if spec is not None and row.status in {s.value for s in ACTIVE}:
+        spec = self._known_spec(row)
+        if spec is not None and row.status in _ACTIVE_NAMES:
             waiting = self._from_row(row, spec).waiting_on()
         return InstanceSummary(row.id, row.process, row.status, row.project, row.created, row.updated,
                                waiting, row.parent_id, row.error)
@@ -327,10 +345,32 @@ class Engine:
         return found
 
     async def _revive(self, row: InstanceRow) -> Instance:
-        spec = self.specs.get(row.process)
-        if spec is None:
+        return self._from_row(row, await self._spec_of(row))
+
+    async def _spec_of(self, row: InstanceRow) -> ProcessSpec:
+        """The definition an instance was launched with: today's, or the
+        version stored when it was launched (edited or removed since)."""
+        spec = self._known_spec(row)
+        if spec is not None:
+            return spec
+        stored = await self.store.definition_source(row.definition) if row.definition else None
+        if stored is None:
             raise EngineError(f"#{row.id}: process {row.process!r} is no longer defined")
-        return self._from_row(row, spec)
+        name, source = stored
+        old, problems = parse_definition(loads_yaml(source, f"{name}@{row.definition}"),
+                                         f"{name}@{row.definition}", name, None, source)
+        if old is None:
+            raise EngineError(f"#{row.id}: stored definition {name}@{row.definition} does not load: "
+                              + "; ".join(map(str, problems)))
+        log.info("#%d runs on an earlier version of %s (%s)", row.id, name, row.definition)
+        self._old_specs[old.digest] = old
+        return old
+
+    def _known_spec(self, row: InstanceRow) -> ProcessSpec | None:
+        current = self.specs.get(row.process)
+        if current is not None and (not row.definition or row.definition == current.digest):
+            return current
+        return self._old_specs.get(row.definition or "")
 
     async def _require(self, iid: int) -> Instance:
         inst = await self._get(iid)
@@ -341,7 +381,7 @@ class Engine:
     async def _transact(self, actions: list[tuple[int, Action]], extra: list[Op] | None = None) -> list[Any]:
         """Apply ``actions`` to their instances as one atomic transition,
         commit it (group commit), then announce it."""
-        tx = Transition(self.clock.now(), self._allocate)
+        tx = Transition(self.clock.now(), self._allocate, self.tz)
         results = []
         try:
             for iid, action in actions:
@@ -394,7 +434,7 @@ class Engine:
         ops.append(store.instance_op([
             (i.id, i.spec.name, i.status.value, i.parent[0] if i.parent else None,
              i.parent[1] if i.parent else None, i.project, dumps(i.fields), dumps(i.runs), i.serial,
-             i.error, i.created, i.updated) for i in tx.touched.values()]))
+             i.error, i.created, i.updated, i.spec.digest or None) for i in tx.touched.values()]))
         if tx.history:
             ops.append(store.history_op([(e.instance_id, e.at, e.path, e.step, e.event, e.actor, e.detail)
                                          for e in tx.history]))

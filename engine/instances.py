@@ -17,7 +17,7 @@ import copy
 import enum
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Any, Mapping
 
 from engine.definitions import ProcessSpec, StepSpec
@@ -88,6 +88,7 @@ class Transition:
 
     now: float
     allocate_id: Any                       # () -> int, for subprocess instances
+    tz: tzinfo = timezone.utc              # for "wait: {until: '02:00'}"
     touched: dict[int, "Instance"] = field(default_factory=dict)
     history: list[Event] = field(default_factory=list)
     dispatch: list[Workitem] = field(default_factory=list)
@@ -373,7 +374,7 @@ class Instance:
         if step.until is None:
             return self.tx.now + (step.duration or 0.0)
         text = str(render(step.until, self._scope(step)))
-        now = datetime.fromtimestamp(self.tx.now, timezone.utc)
+        now = datetime.fromtimestamp(self.tx.now, self.tx.tz)
         try:
             if len(text) <= 5 and ":" in text:
                 hh, mm = (int(x) for x in text.split(":"))
@@ -383,7 +384,7 @@ class Instance:
             else:
                 due = datetime.fromisoformat(text)
                 if due.tzinfo is None:
-                    due = due.replace(tzinfo=timezone.utc)
+                    due = due.replace(tzinfo=self.tx.tz)
         except ValueError:
             raise TemplateProblem(f"wait until: bad time {text!r}") from None
         return due.timestamp()

@@ -84,6 +84,17 @@ MIGRATIONS: list[str] = [
         last_run REAL
     );
     """,
+    # 2: every version of every definition an instance ran on, so that editing
+    # or removing a definition never strands the instances already running it
+    """
+    CREATE TABLE definitions (
+        digest TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        source TEXT NOT NULL,
+        first_seen REAL NOT NULL
+    );
+    ALTER TABLE instances ADD COLUMN definition TEXT;
+    """,
 ]
 
 
@@ -101,6 +112,7 @@ class InstanceRow:
     error: str
     created: float
     updated: float
+    definition: str | None = None
 
 
 @dataclass(frozen=True)
@@ -354,15 +366,15 @@ class Store:
                 chunk = wanted[i:i + 500]
                 marks = ",".join("?" * len(chunk))
                 out += [_instance_row(r) for r in c.execute(
-                    f"SELECT * FROM instances WHERE id IN ({marks})", chunk)]
+                    f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE id IN ({marks})", chunk)]
             return out
         return await self.read(q)
 
     async def list_instances(self, include_finished: bool, limit: int = 200) -> list[InstanceRow]:
         if include_finished:
-            sql = "SELECT * FROM instances ORDER BY id DESC LIMIT ?"
+            sql = f"SELECT {_INSTANCE_COLUMNS} FROM instances ORDER BY id DESC LIMIT ?"
         else:
-            sql = ("SELECT * FROM instances WHERE status IN ('running', 'waiting', 'failed') "
+            sql = (f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE status IN ('running', 'waiting', 'failed') "
                    "ORDER BY id DESC LIMIT ?")
         return await self.read(lambda c: [_instance_row(r) for r in c.execute(sql, (limit,))])
 
@@ -470,13 +482,25 @@ class Store:
         return ops
 
     @staticmethod
+    def definition_op(rows: list[tuple[str, str, str, float]]) -> Op:
+        return ("INSERT OR IGNORE INTO definitions (digest, name, source, first_seen) VALUES (?,?,?,?)",
+                rows, True)
+
+    async def definition_source(self, digest: str) -> tuple[str, str] | None:
+        return await self.read(lambda c: c.execute(
+            "SELECT name, source FROM definitions WHERE digest = ?", (digest,)).fetchone())
+
+    @staticmethod
     def schedule_forget_op(name: str) -> list[Op]:
         return [("DELETE FROM schedules WHERE name = ?", (name,), False),
                 ("DELETE FROM timers WHERE instance_id = 0 AND kind = 'schedule' AND path = ?", (name,), False)]
 
 
+_INSTANCE_COLUMNS = ("id, process, status, parent_id, parent_path, project, fields, runs, serial, error, "
+                     "created, updated, definition")
 _INSTANCE_SQL = ("INSERT INTO instances (id, process, status, parent_id, parent_path, project, fields, runs, "
-                 "serial, error, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE "
+                 "serial, error, created, updated, definition) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                 "ON CONFLICT(id) DO UPDATE "
                  "SET status = excluded.status, fields = excluded.fields, runs = excluded.runs, "
                  "serial = excluded.serial, error = excluded.error, updated = excluded.updated")
 _HISTORY_SQL = ("INSERT INTO history (instance_id, at, path, step, event, actor, detail) "
@@ -495,7 +519,7 @@ def _resolve(results: list[tuple["asyncio.Future[None]", BaseException | None]])
 
 def _instance_row(r: tuple[Any, ...]) -> InstanceRow:
     return InstanceRow(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), json.loads(r[7]),
-                       r[8], r[9], r[10], r[11])
+                       r[8], r[9], r[10], r[11], r[12])
 
 
 def _workitem_row(r: tuple[Any, ...]) -> WorkitemRow:
