@@ -145,7 +145,7 @@ class _Parser:
     def policy(self, value: Any, line: int, what: str, allow_retry: bool) -> Policy:
         if value in ("error", "skip"):
             return Policy(str(value))
-        if isinstance(value, dict):
+        if isinstance(value, Node):
             keys = set(value)
             if "subprocess" in value and keys == {"subprocess"}:
                 return Policy("subprocess", subprocess=self.process_name(value["subprocess"], line))

@@ -420,9 +420,9 @@ class Engine:
             if parent is not None:
                 parent.on_child_finished(tx, item)
         else:
-            child = await self._get(item.instance_id)
-            if child is not None and not child.status.finished:
-                child.cancel(tx, item.actor)
+            cancelled = await self._get(item.instance_id)
+            if cancelled is not None and not cancelled.status.finished:
+                cancelled.cancel(tx, item.actor)
 
     def _evict(self, tx: Transition) -> None:
         for iid in tx.touched:

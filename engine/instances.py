@@ -513,9 +513,10 @@ class Instance:
                     return
             at = self.spec.parent(at.path)
         # nobody handles it: the step stays failed until someone retries it
-        run = self.runs.get(step.path)
-        if run is None:
+        failed = self.runs.get(step.path)
+        if failed is None:
             return
+        run = failed
         if not keep_child:
             self._cancel_below(step.path, drop=False)
         run["s"] = FAILED_RUN

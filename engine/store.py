@@ -411,7 +411,8 @@ class Store:
 
     async def workitems(self, *, state: str | None = None, instance_id: int | None = None,
                         keys: Iterable[str] | None = None) -> list[WorkitemRow]:
-        where, args = [], []
+        where: list[str] = []
+        args: list[Any] = []
         if state is not None:
             where.append("state = ?")
             args.append(state)

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from datetime import datetime, timezone
-from typing import Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 from engine.store import Store, TimerRow
 
@@ -76,7 +76,7 @@ class TimerService:
         self.clock = clock
         self.use_scheduler = use_scheduler
         self.batch = batch
-        self._scheduler = None
+        self._scheduler: Any = None
         self._armed: float | None = None
         self._lock = asyncio.Lock()
         self.fired = 0
@@ -86,17 +86,17 @@ class TimerService:
         if self.use_scheduler:
             from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-            self._scheduler = AsyncIOScheduler(
+            scheduler = AsyncIOScheduler(
                 event_loop=asyncio.get_running_loop(), timezone=timezone.utc,
                 # never drop a run: no misfire grace limit, and no cap on runs that
                 # overlap (APScheduler 3 *skips* a run of a job still running, and a
                 # skipped date job is gone); fire_due serialises itself with its lock
                 job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1_000_000})
-            self._scheduler.start()
+            scheduler.start()
             from apscheduler.triggers.interval import IntervalTrigger
 
-            self._scheduler.add_job(self._sweep, IntervalTrigger(seconds=self.sweep_seconds),
-                                    id="engine-timers-sweep")
+            scheduler.add_job(self._sweep, IntervalTrigger(seconds=self.sweep_seconds), id="engine-timers-sweep")
+            self._scheduler = scheduler
         await self.rearm()
 
     async def _sweep(self) -> None:

@@ -45,3 +45,11 @@ def test_the_layer_check_sees_imports() -> None:
     """The walker must find imports, or the tests above prove nothing."""
     assert "engine.store" in imports(ROOT / "engine" / "engine.py")
     assert "bot.access" in imports(ROOT / "bot" / "commands.py")
+
+
+def test_engine_is_mypy_clean() -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "mypy", "engine/"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
