@@ -1,0 +1,149 @@
+"""The one command dispatcher: who may do what, decided from verified
+identities and per-project roles; refusals are explained, logged, and
+change nothing."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from bot.access import Directory, User
+from bot.chat import UNVERIFIED, VERIFIED_JID, VERIFIED_SERVICES, Identity, Message, Room
+from bot.commands import Dispatcher, default_registry
+from bot.config import load_config
+from bot.pacing import Cooldown
+from engine.engine import Engine
+from engine.participants import ParticipantRegistry
+from engine.store import Store
+from engine.timers import ManualClock
+from participants import discover
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+async def setup(tmp_path: Path):  # type: ignore[no-untyped-def]
+    registry = ParticipantRegistry(discover())
+    config = load_config(ROOT / "conf", registry.names())     # the shipped users and processes
+    store = Store(tmp_path / "bot.sqlite3")
+    store.open()
+    engine = Engine(store, config.specs, registry, clock=ManualClock(), use_scheduler=False)
+    await engine.start()
+    clock = Clock()
+    dispatcher = Dispatcher(engine, Directory(config.users), default_registry(), cooldown=Cooldown(5, 10, clock))
+    yield dispatcher, engine, clock
+    await engine.stop()
+    store.close()
+
+
+def irc(nick: str, account: str | None, host: str = "127.0.0.1") -> Identity:
+    return Identity("irc", "libera", nick, account=account,
+                    verified_by=VERIFIED_SERVICES if account else UNVERIFIED,
+                    hostmask=f"{nick}!~{nick}@{host}")
+
+
+OPS = Room("irc", "libera", "#ops")
+
+
+async def say(dispatcher: Dispatcher, who: Identity, text: str, room: Room | None = OPS) -> list[str]:
+    return (await dispatcher.handle(Message(who, text, room))).lines
+
+
+async def test_an_impostor_with_the_admins_nick_is_refused_and_logged(setup, caplog) -> None:  # type: ignore[no-untyped-def]
+    dispatcher, engine, _ = setup
+    caplog.set_level(logging.WARNING, "bot.commands")
+    [line] = await say(dispatcher, irc("admin", None), "launch hello")
+    assert line.startswith("not authorised: launch needs a verified, known user")
+    assert await engine.instances(include_finished=True) == []
+    assert any("refused 'launch hello' from admin@libera" in r.getMessage() for r in caplog.records)
+
+
+async def test_an_account_claimed_without_services_verification_counts_for_nothing(setup) -> None:  # type: ignore[no-untyped-def]
+    dispatcher, _, _ = setup
+    forged = Identity("irc", "libera", "alice", account="alice", verified_by=UNVERIFIED)
+    [line] = await say(dispatcher, forged, "ps")
+    assert line.startswith("not authorised")
+
+
+async def test_whoami_tells_how_the_caller_was_verified(setup) -> None:  # type: ignore[no-untyped-def]
+    dispatcher, _, _ = setup
+    assert await say(dispatcher, irc("al", "alice"), "whoami") == [
+        "al on libera is alice, verified by services account; roles: Project: release-managers"]
+    assert await say(dispatcher, irc("bob", None, "build.example.org"), "whoami") == [
+        "bob on libera is bob, verified by hostmask (weaker); roles: Project:Devel: publishers"]
+    assert await say(dispatcher, irc("eve", None), "whoami") == ["eve on libera: not identified (not verified)"]
+    assert await say(dispatcher, irc("mallory", "mallory"), "whoami") == [
+        "mallory on libera: account 'mallory' (services account) is not a known user"]
+
+
+async def test_roles_are_per_project_and_inherited_from_parents(setup) -> None:  # type: ignore[no-untyped-def]
+    dispatcher, engine, _ = setup
+    alice, bob = irc("alice", "alice"), irc("bob", "bob")
+    # parallel-checks is on Project:Devel for release-managers; alice has that role on Project
+    assert await say(dispatcher, alice, "launch parallel-checks") == ["launched parallel-checks as #1"]
+    # bob publishes on Project:Devel but is no release manager
+    assert await say(dispatcher, bob, "launch parallel-checks") == [
+        "not authorised: launching parallel-checks needs role 'release-managers' on Project:Devel"]
+    # hello has no project: only roles granted everywhere count, and bob's are on Project:Devel
+    [line] = await say(dispatcher, bob, "launch hello")
+    assert line.startswith("not authorised: launching hello needs role 'admins' or 'release-managers' or")
+    # ... unless the launch names a project where he has the role
+    assert await say(dispatcher, bob, "launch hello project=Project:Devel:Tools") == ["launched hello as #2"]
+    assert [r.id for r in await engine.instances(include_finished=True)] == [2, 1]
+
+
+async def test_cancel_and_retry_need_a_launch_role_on_the_instances_project(setup) -> None:  # type: ignore[no-untyped-def]
+    dispatcher, engine, _ = setup
+    assert await say(dispatcher, irc("alice", "alice"), "launch timed-release project=Project:Foo") == [
+        "launched timed-release as #1"]
+    assert await say(dispatcher, irc("bob", "bob"), "cancel 1") == [
+        "not authorised: cancel #1 needs role 'release-managers' on Project:Foo"]
+    assert (await engine.summary(1)).status == "waiting"
+    assert await say(dispatcher, irc("alice", "alice"), "cancel 1") == ["cancelled #1"]
+    history = await engine.history(1)
+    assert history[-1].event == "cancelled" and history[-1].actor == "alice via irc:libera"
+
+
+async def test_a_room_hiding_real_jids_gets_an_explanation(setup) -> None:  # type: ignore[no-untyped-def]
+    dispatcher, _, _ = setup
+    room = Room("xmpp", "jabber", "ops@conference.example.org", exposes_identities=False)
+    nick = Identity("xmpp", "jabber", "ops@conference.example.org/alice")
+    [line] = await say(dispatcher, nick, "ps", room)
+    assert line == ("not authorised: ops@conference.example.org does not show me real JIDs, so I cannot "
+                    "tell who you are; send me a direct message instead")
+    direct = Identity("xmpp", "jabber", "alice@example.org/laptop", account="alice@example.org",
+                      verified_by=VERIFIED_JID)
+    assert await say(dispatcher, direct, "ps", None) == ["no running, waiting or failed instances"]
+
+
+async def test_commands_are_rate_limited_per_user(setup) -> None:  # type: ignore[no-untyped-def]
+    dispatcher, _, clock = setup
+    alice = irc("alice", "alice")
+    for _ in range(5):
+        assert await say(dispatcher, alice, "help") != []
+    assert await say(dispatcher, alice, "help") == [
+        "slow down, please: too many commands; try again in a few seconds"]
+    assert (await say(dispatcher, irc("al2", "alice"), "help"))[0].startswith("slow down")  # same user, other nick
+    assert (await say(dispatcher, irc("eve", None), "help"))[0].startswith("commands:")     # someone else
+    clock.t += 10
+    assert (await say(dispatcher, alice, "help"))[0].startswith("commands:")
+
+
+def test_user_roles_inherit_and_admins_may_do_everything() -> None:
+    user = User("u", roles={"Foo": frozenset({"publishers"}), "*": frozenset({"viewers"})})
+    assert user.roles_on("Foo:Bar:Baz") == {"publishers", "viewers"}
+    assert user.roles_on("Foobar") == {"viewers"}
+    assert not user.has_role("publishers", "Other")
+    assert User("root", roles={"*": frozenset({"admins"})}).has_role("anything", "Any:Where")
+    directory = Directory([User("x", irc_hostmasks=("x!~x@good.example.org",))])
+    assert directory.resolve(irc("x", None, "good.example.org")).user is not None
+    assert directory.resolve(irc("x", None, "evil.example.org")).user is None
