@@ -22,10 +22,14 @@ from participants import discover
 log = logging.getLogger(__name__)
 
 
+ADAPTERS = {"IrcConfig": ("bot.transports.irc", "IrcTransport"),
+            "XmppConfig": ("bot.transports.xmpp", "XmppTransport")}
+
+
 def transport_for(cfg: Any) -> Any:
-    """The adapter for one network's config (each adapter module names its class)."""
-    module = importlib.import_module(type(cfg).__module__)
-    return module.make_transport(cfg)
+    """The adapter for one network's config, constructed with it (injected, not subclassed)."""
+    module, cls = ADAPTERS[type(cfg).__name__]
+    return getattr(importlib.import_module(module), cls)(cfg)
 
 
 @dataclass

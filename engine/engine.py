@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 from typing import Any, Awaitable, Callable, Iterable, Mapping
 
 from engine.definitions import ProcessSpec, parse_definition
-from engine.errors import EngineError, NoSuchInstance, NoSuchWorkitem, UnknownProcess
+from engine.errors import EngineError, NoSuchInstance, NoSuchWorkitem, NotAllowedNow, UnknownProcess
 from engine.events import Event, EventBus
 from engine.instances import (ACTIVE, CancelInstance, ChildFinished, Instance, Launch, Status, TimerKey,
                               Transition)
@@ -177,6 +177,8 @@ class Engine:
 
     async def reply(self, key: str, reply: Reply, *, actor: str = "") -> None:
         """Answer a dispatched or pending workitem (participants, approvals)."""
+        if reply.kind not in ("done", "failed"):
+            raise NotAllowedNow(f"a reply to {key} must be done or failed, not {reply.kind}")
         iid, path = _parse_key(key)
         inst = await self._get(iid)
         if inst is None:
@@ -474,8 +476,10 @@ class Engine:
         told = [k for k in tx.cancelled if k not in dispatched]
         if told:
             self._spawn(self._tell_cancelled(told))
+        gone = set(tx.cancelled) | set(tx.closed)
         for timer, key in tx.deliveries:
-            self._spawn(self._deliver_timer(timer, key))
+            if key not in gone:   # a step cancelled in the same batch hears no more reminders
+                self._spawn(self._deliver_timer(timer, key))
         dues = [due for op, _key, due in tx.timer_ops if op == "add"]
         if dues:
             self.timers.notify(min(dues))
@@ -527,7 +531,8 @@ class Engine:
 
     async def _deliver_timer(self, timer: TimerKey, key: str | None) -> None:
         rows = await self.store.workitems(instance_id=timer.instance_id)
-        row = next((r for r in rows if r.path == timer.path and (key is None or r.key == key)), None)
+        row = next((r for r in rows if r.path == timer.path and r.state != "cancelling"
+                    and (key is None or r.key == key)), None)
         reply = None
         if row is not None:
             participant = self.participants.get(row.participant)

@@ -206,8 +206,9 @@ class Instance:
         elif run["s"] != FAILED_RUN:
             message = f"subprocess #{note.child_id} {note.error}"
             if run["s"] == HANDLING:
-                del run["c"]
-                self._fail(step, message, start=self.spec.parent(step.path))
+                # the handler stays tracked: retrying the step cancels it, and retrying
+                # the handler itself resumes the step
+                self._fail(step, message, start=self.spec.parent(step.path), keep_child=True)
             else:
                 self._fail(step, message, keep_child=True)
         self._end()
@@ -235,7 +236,7 @@ class Instance:
             self._cancel_below(path, drop=False)
             self._history(step, "retried", actor)
             names.append(step.name)
-            self._start(step, run.get("a", 0) + 1)
+            self._start(step)   # after a fix, on_error's automatic retries start afresh
         self.error = ""
         self._end()
         return names
@@ -273,6 +274,9 @@ class Instance:
             prun = self.runs.get(ppath)
             if prun is not None and prun["g"] == gen and prun["s"] == ACTIVE_RUN:
                 self._child_done(self.spec.steps[ppath], prun, child)
+        if self.error and self.status is not Status.CANCELLED and not any(
+                r["s"] == FAILED_RUN for r in self.runs.values()):
+            self.error = ""   # the failure it described is gone (retried, skipped, branch dropped)
         if self.status not in FINISHED:
             states = {r["s"] for r in self.runs.values()}
             if FAILED_RUN in states:
@@ -453,7 +457,11 @@ class Instance:
                             merged[k] = v
                 for other in parent.children:
                     if other.path in self.runs:
-                        self._history(other, "branch cancelled", detail="the concurrence has what it waits for")
+                        prefix = other.path + "."
+                        for path, run in list(self.runs.items()):
+                            if path.startswith(prefix) and run["s"] != ACTIVE_RUN:
+                                self._history(self.spec.steps[path], "cancelled",
+                                              detail=f"{parent.name} has what it waits for")
                         self._cancel_below(other.path, drop=True)
                 scope.update(merged)
                 self._finish(parent)

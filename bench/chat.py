@@ -1,0 +1,28 @@
+#!/usr/bin/env python3
+"""Chat front-end benchmarks against real servers started here (ngircd,
+prosody).  Prints one ``name=value`` line per figure:
+
+  irc_command_rtt_p50_ms / _p99_ms    1,000 commands from a real IRC client, one at a time
+  xmpp_command_rtt_p50_ms / _p99_ms   the same over XMPP
+  irc_notice_lines_per_s              output rate with pacing on (and irc_disconnects)
+"""
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import chat_irc, chat_xmpp  # noqa: E402
+
+
+def main() -> None:
+    for module in (chat_irc, chat_xmpp):
+        figures = asyncio.run(module.run())
+        for name, value in figures.items():
+            print(f"{name}={value:.2f}" if isinstance(value, float) else f"{name}={value}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

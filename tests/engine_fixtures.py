@@ -1,0 +1,192 @@
+"""Factory helpers and test-only participants for engine tests.
+
+``make_engine`` builds a real engine on a real SQLite file under ``tmp_path``
+with a ``ManualClock`` and no APScheduler: time moves only through
+``advance``.  The ``engines`` fixture hands out that factory and stops every
+engine it built at the end of the test.
+"""
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import textwrap
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+
+import pytest
+
+from engine.definitions import ProcessSpec, parse_definition
+from engine.engine import Engine
+from engine.events import Event
+from engine.participants import Participant, ParticipantRegistry, Reply, Workitem
+from engine.sourcefile import loads_yaml
+from engine.store import Store
+from engine.timers import ManualClock
+from participants.builtin import Echo, Fail, Hold, Record, Sleep
+
+START = 1_800_000_000.0          # ManualClock's default start: 2027-01-15 08:00:00 UTC
+DB_NAME = "engine.sqlite3"
+
+
+# -- test participants ---------------------------------------------------------
+
+class Recorder(Participant):
+    """Records every call the engine makes (``consume``, ``cancel``, ``on_timer``)
+    in ``calls`` as ``(what, workitem, timer name or None)``.
+
+    ``mode`` decides the answer and may be switched by the test at any time:
+    ``done`` (with the ``fields`` param merged), ``fail`` (with the ``message``
+    param), ``pending``, or ``block`` (consume never returns by itself: it
+    waits on ``release``).  ``timer_reply`` is what ``on_timer`` returns."""
+
+    def __init__(self, name: str = "rec", mode: str = "done") -> None:
+        self.name = name  # type: ignore[misc]  # one class, many registered names
+        self.mode = mode
+        self.calls: list[tuple[str, Workitem, str | None]] = []
+        self.release = asyncio.Event()
+        self.timer_reply: Reply | None = None
+
+    async def consume(self, workitem: Workitem) -> Reply:
+        self.calls.append(("consume", workitem, None))
+        mode = self.mode
+        if mode == "block":
+            await self.release.wait()
+            return Reply.done(workitem.params.get("fields") or {})
+        if mode == "pending":
+            return Reply.pending()
+        if mode == "fail":
+            return Reply.failed(str(workitem.params.get("message", "boom")))
+        return Reply.done(workitem.params.get("fields") or {})
+
+    async def cancel(self, workitem: Workitem) -> None:
+        self.calls.append(("cancel", workitem, None))
+
+    async def on_timer(self, workitem: Workitem, name: str) -> Reply | None:
+        self.calls.append(("timer", workitem, name))
+        return self.timer_reply
+
+    # views
+    def consumed(self) -> list[Workitem]:
+        return [w for what, w, _ in self.calls if what == "consume"]
+
+    def cancelled(self) -> list[Workitem]:
+        return [w for what, w, _ in self.calls if what == "cancel"]
+
+    def timers(self) -> list[tuple[str, str]]:
+        return [(w.key, name or "") for what, w, name in self.calls if what == "timer"]
+
+    def kinds(self) -> list[str]:
+        return [what for what, _w, _n in self.calls]
+
+
+class DbProbe(Participant):
+    """Looks into the SQLite file through its own connection while ``consume``
+    runs: what has been committed before the participant was called?"""
+
+    name = "probe"
+
+    def __init__(self, db: Path) -> None:
+        self.db = db
+        self.seen: list[dict[str, Any]] = []
+
+    async def consume(self, workitem: Workitem) -> Reply:
+        conn = sqlite3.connect(self.db)
+        try:
+            inst = conn.execute("SELECT status, runs FROM instances WHERE id = ?",
+                                (workitem.instance_id,)).fetchone()
+            item = conn.execute("SELECT state, participant, path FROM workitems WHERE key = ?",
+                                (workitem.key,)).fetchone()
+        finally:
+            conn.close()
+        self.seen.append({"key": workitem.key, "instance": inst, "workitem": item})
+        return Reply.done()
+
+
+# -- building engines --------------------------------------------------------------
+
+def spec_from_yaml(stem: str, text: str, participants: frozenset[str] | None = None) -> ProcessSpec:
+    source = textwrap.dedent(text)
+    spec, problems = parse_definition(loads_yaml(source, f"{stem}.yaml"), f"{stem}.yaml", stem,
+                                      participants, source)
+    assert spec is not None and not problems, "\n".join(map(str, problems))
+    return spec
+
+
+async def make_engine(tmp_path: Path, definitions: Mapping[str, str],
+                      participants: Iterable[Participant] = (), *, clock: ManualClock | None = None,
+                      timezone: str = "UTC", db_name: str = DB_NAME) -> Engine:
+    """A started engine over ``tmp_path/db_name``: the builtin participants plus
+    ``participants``, the processes ``{stem: yaml_text}``, a manual clock."""
+    registry = ParticipantRegistry([Echo(), Fail(), Hold(), Record(), Sleep(), *participants])
+    specs: dict[str, ProcessSpec] = {}
+    for stem, text in definitions.items():
+        spec = spec_from_yaml(stem, text, registry.names())
+        specs[spec.name] = spec
+    store = Store(tmp_path / db_name)
+    store.open()
+    engine = Engine(store, specs, registry, clock=clock or ManualClock(), use_scheduler=False,
+                    timezone=timezone)
+    await engine.start()
+    return engine
+
+
+async def close_engine(engine: Engine) -> None:
+    await engine.stop()
+    await asyncio.to_thread(engine.store.close)
+
+
+EngineFactory = Callable[..., Awaitable[Engine]]
+
+
+@pytest.fixture
+async def engines(tmp_path: Path) -> AsyncIterator[EngineFactory]:
+    """``await engines({"name": yaml}, participants=[...], clock=..., timezone=...)``;
+    every engine built is stopped (and its store closed) after the test."""
+    built: list[Engine] = []
+
+    async def factory(definitions: Mapping[str, str], participants: Iterable[Participant] = (),
+                      **kwargs: Any) -> Engine:
+        engine = await make_engine(tmp_path, definitions, participants, **kwargs)
+        built.append(engine)
+        return engine
+
+    yield factory
+    for engine in built:
+        if engine.store._writer is not None:   # not closed by the test itself
+            await close_engine(engine)
+
+
+# -- driving and observing -----------------------------------------------------------
+
+async def advance(engine: Engine, seconds: float) -> None:
+    """Move the manual clock, fire every timer now due (also those that
+    firing makes due), and let the engine settle."""
+    clock = engine.clock
+    assert isinstance(clock, ManualClock)
+    clock.advance(seconds)
+    await engine.idle()
+    while await engine.timers.fire_due():
+        await engine.idle()
+    await engine.idle()
+
+
+async def status(engine: Engine, iid: int) -> str:
+    return (await engine.summary(iid)).status
+
+
+async def fields(engine: Engine, iid: int) -> dict[str, Any]:
+    return dict((await engine.describe(iid)).fields)
+
+
+async def trace(engine: Engine, iid: int) -> list[tuple[str, str]]:
+    """(step name, event) of the history, in order; the instance itself is ''."""
+    return [(e.step, e.event) for e in await engine.history(iid)]
+
+
+async def events(engine: Engine, iid: int, event: str) -> list[Event]:
+    return [e for e in await engine.history(iid) if e.event == event]
+
+
+async def timers(engine: Engine, iid: int) -> list[tuple[str, str, float, bool]]:
+    """(what, step name, due, fired) of the instance's timers, by due time."""
+    return list((await engine.describe(iid)).timers)
