@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bot.access import User
-from engine.definitions import ProcessSpec, load_definitions
+from engine.definitions import ProcessSpec, collect_definitions
 from engine.engine import ScheduleSpec
 from engine.sourcefile import ConfigError, Node, Problem, load_yaml, parse_duration
 from engine.timers import check_cron
@@ -191,18 +191,17 @@ def load_config(conf_dir: Path, participants: frozenset[str] | None) -> BotConfi
 
     users_file = conf_dir / "users.yaml"
     users: list[User] = []
+    users_parsed = True
     if users_file.exists():
         users, found = _load_users(users_file, _display(users_file, home))
         problems += found
-    if console_user not in {u.name for u in users}:
+        users_parsed = not any(p.message.startswith("YAML syntax") for p in found)
+    if users_parsed and console_user not in {u.name for u in users}:
         line = console.line_of("user") if "user" in console else top.line
         c.problem(line, f"console user {console_user!r} is not defined in users.yaml")
 
-    specs: dict[str, ProcessSpec] = {}
-    try:
-        specs = load_definitions(conf_dir / "processes", participants, base=home)
-    except ConfigError as exc:
-        problems += exc.problems
+    specs, found, process_names = collect_definitions(conf_dir / "processes", participants, base=home)
+    problems += found
     if not (conf_dir / "processes").is_dir():
         problems.append(Problem(_display(conf_dir / "processes", home), 0, "missing: the process definitions directory"))
 
@@ -228,7 +227,7 @@ def load_config(conf_dir: Path, participants: frozenset[str] | None) -> BotConfi
                 c.problem(s.line, f"schedule: missing {key!r}")
         if name in seen:
             c.problem(s.line_of("name"), f"schedule {name!r} defined twice")
-        if process is not None and specs and process not in specs:
+        if process is not None and process not in process_names:
             c.problem(s.line_of("process"), f"schedule {name!r}: unknown process {process!r}")
         if name and cron and process and name not in seen:
             seen.add(name)
@@ -247,7 +246,11 @@ def load_config(conf_dir: Path, participants: frozenset[str] | None) -> BotConfi
             continue
         body = Node({k: v for k, v in item.items() if k != "protocol"})
         body.line, body.key_lines = item.line, {k: v for k, v in item.key_lines.items() if k != "protocol"}
-        adapter = importlib.import_module(f"bot.transports.{item['protocol']}")
+        try:
+            adapter = importlib.import_module(f"bot.transports.{item['protocol']}")
+        except ImportError as exc:
+            c.problem(item.line_of("protocol"), f"network: the {item['protocol']} front-end cannot be loaded ({exc})")
+            continue
         cfg, found = adapter.parse_config(body, display)
         problems += found
         if cfg is not None:

@@ -103,6 +103,7 @@ class ProcessSpec:
     root: StepSpec
     steps: Mapping[str, StepSpec] = field(repr=False, default_factory=dict)
     parents: Mapping[str, str] = field(repr=False, default_factory=dict)
+    subprocess_refs: tuple[tuple[str, int], ...] = ()
     source: str = field(repr=False, default="")   # the YAML text: stored with the instances that use it
     digest: str = ""                               # identifies this version of the definition
 
@@ -114,12 +115,8 @@ class ProcessSpec:
         return None if p is None else self.steps[p]
 
     def subprocesses(self) -> Iterable[tuple[str, int]]:
-        for s in self.steps.values():
-            for name in (s.process, s.on_timeout.subprocess,
-                         s.on_error.subprocess if s.on_error else None,
-                         s.on_error.then.subprocess if s.on_error and s.on_error.then else None):
-                if name:
-                    yield name, s.line
+        """Every process this one may start, with the line naming it."""
+        return iter(self.subprocess_refs)
 
 
 class _Parser:
@@ -129,6 +126,7 @@ class _Parser:
         self.problems: list[Problem] = []
         self.steps: dict[str, StepSpec] = {}
         self.parents: dict[str, str] = {}
+        self.subprocess_refs: list[tuple[str, int]] = []
 
     def problem(self, line: int, message: str) -> None:
         self.problems.append(Problem(self.file, line, message))
@@ -148,7 +146,8 @@ class _Parser:
         if isinstance(value, Node):
             keys = set(value)
             if "subprocess" in value and keys == {"subprocess"}:
-                return Policy("subprocess", subprocess=self.process_name(value["subprocess"], line))
+                return Policy("subprocess", subprocess=self.process_name(value["subprocess"],
+                                                                         value.line_of("subprocess")))
             if allow_retry and "retry" in value and keys <= {"retry", "backoff", "then"}:
                 retries = value["retry"]
                 if not isinstance(retries, int) or isinstance(retries, bool) or not 1 <= retries <= 100:
@@ -166,6 +165,7 @@ class _Parser:
         if not isinstance(value, str) or not _NAME.match(value):
             self.problem(line, f"bad process name {value!r}")
             return None
+        self.subprocess_refs.append((value, line))
         return value
 
     def timers(self, value: Any, line: int) -> tuple[tuple[tuple[float, str], ...], float | None]:
@@ -366,9 +366,18 @@ class _Parser:
             self.problem(line, problem)
 
     def template(self, value: Any, line: int) -> None:
-        problem = check_template(value)
-        if problem:
-            self.problem(line, problem)
+        """Check every template string inside ``value``, each at its own line."""
+        if isinstance(value, dict):
+            for key, item in value.items():
+                self.template(item, value.line_of(key) if isinstance(value, Node) else line)
+        elif isinstance(value, list):
+            lines = getattr(value, "item_lines", [line] * len(value))
+            for item, item_line in zip(value, lines):
+                self.template(item, item_line)
+        else:
+            problem = check_template(value)
+            if problem:
+                self.problem(line, problem)
 
     def _register(self, spec: StepSpec) -> StepSpec:
         self.steps[spec.path] = spec
@@ -429,15 +438,18 @@ def parse_definition(data: Any, file: str, stem: str, participants: frozenset[st
     spec = ProcessSpec(name=name, file=file, description=str(data.get("description", "")),
                        project=project, launch_roles=tuple(roles), fields=dict(fields), root=root,
                        steps=dict(p.steps), parents=dict(p.parents), source=source,
-                       digest=hashlib.sha256(source.encode()).hexdigest()[:16] if source else "")
-    return (None if p.problems else spec), p.problems
+                       digest=hashlib.sha256(source.encode()).hexdigest()[:16] if source else "",
+                       subprocess_refs=tuple(p.subprocess_refs))
+    return spec, p.problems
 
 
-def load_definitions(directory: Path, participants: frozenset[str] | None = None,
-                     base: Path | None = None) -> dict[str, ProcessSpec]:
-    """Load every ``*.yaml`` in ``directory``; raise ConfigError with every problem."""
+def collect_definitions(directory: Path, participants: frozenset[str] | None = None,
+                        base: Path | None = None) -> tuple[dict[str, ProcessSpec], list[Problem], set[str]]:
+    """Parse every ``*.yaml``/``*.yml`` in ``directory``: the valid specs, every
+    problem, and the name of every process found (broken ones included, so that
+    references to them are not reported as unknown as well)."""
     problems: list[Problem] = []
-    specs: dict[str, ProcessSpec] = {}
+    parsed: list[tuple[ProcessSpec, bool]] = []
     where: dict[str, str] = {}
     files = sorted(directory.glob("*.yaml")) + sorted(directory.glob("*.yml"))
     for path in files:
@@ -455,16 +467,24 @@ def load_definitions(directory: Path, participants: frozenset[str] | None = None
         problems.extend(found)
         if spec is None:
             continue
-        if spec.name in specs:
+        if spec.name in where:
             problems.append(Problem(display, data.line_of("name"),
                                     f"process {spec.name!r} is already defined in {where[spec.name]}"))
             continue
-        specs[spec.name] = spec
         where[spec.name] = display
-    for spec in specs.values():
+        parsed.append((spec, not found))
+    names = set(where)
+    for spec, _ok in parsed:
         for name, line in spec.subprocesses():
-            if name not in specs:
+            if name not in names:
                 problems.append(Problem(spec.file, line, f"subprocess {name!r} is not a known process"))
+    return {s.name: s for s, ok in parsed if ok}, problems, names
+
+
+def load_definitions(directory: Path, participants: frozenset[str] | None = None,
+                     base: Path | None = None) -> dict[str, ProcessSpec]:
+    """Load every definition in ``directory``; raise ConfigError with every problem."""
+    specs, problems, _names = collect_definitions(directory, participants, base)
     if problems:
         raise ConfigError(problems)
     return specs

@@ -361,7 +361,7 @@ class Engine:
         name, source = stored
         old, problems = parse_definition(loads_yaml(source, f"{name}@{row.definition}"),
                                          f"{name}@{row.definition}", name, None, source)
-        if old is None:
+        if old is None or problems:
             raise EngineError(f"#{row.id}: stored definition {name}@{row.definition} does not load: "
                               + "; ".join(map(str, problems)))
         log.info("#%d runs on an earlier version of %s (%s)", row.id, name, row.definition)

@@ -5,6 +5,7 @@ Every loader (process definitions, bot config, users) reads YAML through
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,8 @@ def parse_duration(text: Any) -> float:
     if isinstance(text, bool) or not isinstance(text, (str, int, float)):
         raise ValueError(f"bad duration {text!r}: expected e.g. 90s, 4h, 2d")
     if isinstance(text, (int, float)):
+        if not math.isfinite(text):
+            raise ValueError(f"bad duration {text!r}: must be finite")
         if text < 0:
             raise ValueError(f"bad duration {text!r}: negative")
         return float(text)
