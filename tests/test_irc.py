@@ -1,0 +1,624 @@
+"""The IRC front-end against real servers on 127.0.0.1: ngircd for plain IRC
+(fast, one per test) and one InspIRCd + Anope pair per session for NickServ
+accounts, SASL and IRCv3 account tags.  A second, raw client plays the human.
+
+The bot is wired as in production: Router(Dispatcher(real engine, Directory,
+default commands)).serve(IrcTransport(config)).
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import shutil
+import textwrap
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from bot.access import Directory, User
+from bot.chat import Identity, Message, Room, TransportError
+from bot.commands import Dispatcher, default_registry
+from bot.config import load_config
+from bot.router import Router
+from bot.transports.irc import (DEFAULT_BURST, DEFAULT_CAPS, DEFAULT_RATE, IrcConfig, IrcTransport,
+                                clean_lines, parse_config, split_utf8)
+from engine.engine import Engine
+from engine.participants import ParticipantRegistry
+from engine.sourcefile import ConfigError, loads_yaml
+from engine.store import Store
+from engine.timers import ManualClock
+from participants import discover
+from tests.engine_fixtures import spec_from_yaml
+from tests.servers.irc import Human, InspircdAnope, Ngircd
+
+ROOT = Path(__file__).resolve().parent.parent
+NET = "testnet"
+BOT = "releasebot"
+BOT_ACCOUNT = ("releasebot", "botpw-1")
+BOSS = ("boss", "bosspw-1")          # the admin's services account
+ALICE = ("alice", "alicepw-1")
+ADMINS = {"*": frozenset({"admins"})}
+
+WAITING = """\
+    description: stays waiting until answered
+    steps:
+      - participant: hold
+"""
+
+
+# -- wiring -----------------------------------------------------------------------------------
+
+@pytest.fixture
+async def engine(tmp_path: Path) -> AsyncIterator[Engine]:
+    registry = ParticipantRegistry(discover())
+    specs = {"waiting": spec_from_yaml("waiting", WAITING, registry.names())}
+    store = Store(tmp_path / "bot.sqlite3")
+    store.open()
+    eng = Engine(store, specs, registry, clock=ManualClock(), use_scheduler=False)
+    await eng.start()
+    yield eng
+    await eng.stop()
+    await asyncio.to_thread(store.close)
+
+
+BotFactory = Callable[..., Awaitable[IrcTransport]]
+
+
+@pytest.fixture
+async def bots(engine: Engine) -> AsyncIterator[BotFactory]:
+    """``await bots(config, users=[...])``: a started, ready bot; closed after the test."""
+    started: list[IrcTransport] = []
+
+    async def factory(config: IrcConfig, users: list[User] = (), max_room_lines: int = 4,  # type: ignore[assignment]
+                      ready: bool = True) -> IrcTransport:
+        transport = IrcTransport(config)
+        started.append(transport)
+        router = Router(Dispatcher(engine, Directory(list(users)), default_registry()), max_room_lines)
+        await router.serve(transport)
+        if ready:
+            await transport.wait_ready(15)
+        return transport
+
+    yield factory
+    for transport in started:
+        await transport.close(flush_timeout=1)
+
+
+@pytest.fixture
+async def humans() -> AsyncIterator[Callable[..., Awaitable[Human]]]:
+    made: list[Human] = []
+
+    async def connect(port: int, nick: str, **kwargs: Any) -> Human:
+        human = await Human.connect(port, nick, **kwargs)
+        made.append(human)
+        return human
+
+    yield connect
+    for human in made:
+        await human.close()
+
+
+def config(port: int, **overrides: Any) -> IrcConfig:
+    settings: dict[str, Any] = dict(name=NET, host="127.0.0.1", port=port, tls=False, nick=BOT,
+                                    channels=("#ops",), reconnect_min=0.1, reconnect_max=0.5)
+    settings.update(overrides)
+    return IrcConfig(**settings)
+
+
+def fast(port: int, **overrides: Any) -> IrcConfig:
+    """For ngircd without flood penalties: pacing out of the way."""
+    return config(port, pacing_rate=1000.0, pacing_burst=1000, **overrides)
+
+
+@pytest.fixture(scope="session")
+def insp(inspircd_anope: InspircdAnope) -> InspircdAnope:
+    inspircd_anope.register(BOT_ACCOUNT, BOSS, ALICE)
+    return inspircd_anope
+
+
+class TcpProxy:
+    """Between the bot and ngircd: can refuse new connections (to order a
+    reconnect after the human rejoined) and black-hole live ones (a network
+    that silently stops delivering, in both directions)."""
+
+    def __init__(self, upstream: int) -> None:
+        self.upstream = upstream
+        self.accepting = True
+        self.links: list[dict[str, Any]] = []
+
+    async def start(self) -> "TcpProxy":
+        self.server = await asyncio.start_server(self._link, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.accepting:
+            writer.close()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream)
+        except OSError:
+            writer.close()
+            return
+        link: dict[str, Any] = {"frozen": False, "writers": (writer, up_writer)}
+        self.links.append(link)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    if not link["frozen"]:
+                        dst.write(data)
+                        await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def freeze(self) -> None:
+        for link in self.links:
+            link["frozen"] = True
+
+    async def close(self) -> None:
+        self.server.close()
+        for link in self.links:
+            for w in link["writers"]:
+                w.close()
+
+
+def bot_lines(human: Human, nick: str) -> list[str]:
+    return [m.text for m in human.lines if m.command in ("PRIVMSG", "NOTICE") and m.nick == nick]
+
+
+# -- commands and replies (ngircd) ------------------------------------------------------------------
+
+async def test_commands_by_prefix_by_nick_and_in_private_are_answered_where_they_came_from(
+        ngircd: Ngircd, bots: BotFactory, humans: Any) -> None:
+    await bots(fast(ngircd.port))
+    human = await humans(ngircd.port, "carol")
+    await human.join("#ops")
+
+    reply = await human.ask("#ops", "!help", BOT)
+    assert reply.params[0] == "#ops" and reply.text.startswith("commands: ")
+    reply = await human.ask("#ops", "releasebot: whoami", BOT)
+    assert reply.params[0] == "#ops"
+    assert reply.text == f"carol on {NET}: not identified (not verified)"
+    reply = await human.ask("#ops", "ReleaseBot, help whoami", BOT)     # nicks are case-insensitive
+    assert (reply.params[0], reply.text) == ("#ops", "whoami - who the bot thinks you are, and how that was verified")
+    reply = await human.ask(BOT, "whoami", BOT)                          # private: every line is a command
+    assert reply.params[0] == "carol" and reply.text.startswith("carol on testnet")
+    reply = await human.ask(BOT, "!help whoami", BOT)                    # the prefix is allowed there too
+    assert reply.params[0] == "carol" and reply.text.startswith("whoami - ")
+
+    for chatter in ("hello all", "releasebot is great", "! ps", "!", "releasebot:", "releasebotx: help"):
+        human.say("#ops", chatter)
+    human.send(f"NOTICE {BOT} :help")                                    # notices are never answered
+    assert await human.quiet(BOT, 0.5) == []
+
+
+async def test_output_longer_than_a_room_allows_goes_to_the_caller_privately(
+        ngircd: Ngircd, bots: BotFactory, humans: Any, engine: Engine) -> None:
+    # ngircd has no services: this admin is recognised by an explicitly listed hostmask
+    admin = User("dave", irc_hostmasks=("dave!~dave@127.0.0.1",), roles=ADMINS)
+    await bots(fast(ngircd.port), users=[admin])
+    human = await humans(ngircd.port, "dave")
+    await human.join("#ops")
+    for _ in range(6):
+        await engine.launch("waiting", {}, actor="test")
+
+    reply = await human.ask("#ops", "!whoami", BOT)
+    assert reply.text.startswith("dave on testnet is dave, verified by hostmask (weaker)")
+    human.say("#ops", "!ps")
+    lines = await human.messages_from(BOT, 7)
+    assert (lines[0].params[0], lines[0].text) == ("#ops", "dave: 6 lines, sent to you privately")
+    assert [m.params[0] for m in lines[1:]] == ["dave"] * 6
+    assert sorted(m.text.split()[0] for m in lines[1:]) == [f"#{i}" for i in range(1, 7)]
+
+
+async def test_long_and_multiline_text_is_split_never_truncated(
+        ngircd: Ngircd, bots: BotFactory, humans: Any) -> None:
+    bot = await bots(fast(ngircd.port))
+    human = await humans(ngircd.port, "erin")
+    await human.join("#ops")
+    words = [f"wörd{i}€" for i in range(300)]            # multi-byte characters, ~2.7 KB
+    await bot.send(Room("irc", NET, "#ops"), "first line\n\n" + " ".join(words) + "\r\nlast\x00line")
+    got: list[str] = []
+    while not got or got[-1] != "last\ufffdline":
+        [line] = await human.messages_from(BOT, 1)
+        assert len(line.raw.encode()) + 2 <= 512              # as relayed, with our prefix
+        got.append(line.text)
+    assert got[0] == "first line"
+    assert len(got) >= 5                                     # the long line took several
+    assert " ".join(got[1:-1]).split() == words              # every word, in order, none cut
+
+
+def test_splitting_respects_utf8_and_prefers_spaces() -> None:
+    head, rest = split_utf8("ab€cd", 4)                    # € is 3 bytes: never cut inside it
+    assert (head, rest) == ("ab", "€cd")
+    head, rest = split_utf8("alpha beta gamma", 12)
+    assert (head, rest) == ("alpha beta", "gamma")
+    assert split_utf8("short", 100) == ("short", "")
+    assert clean_lines("a\r\nb\n\n  \nc\u2028d") == ["a", "b", "c", "d"]
+
+
+async def test_outbound_lines_are_paced_by_the_token_bucket(
+        ngircd: Ngircd, bots: BotFactory, humans: Any) -> None:
+    bot = await bots(config(ngircd.port, pacing_rate=40.0, pacing_burst=5))
+    human = await humans(ngircd.port, "frank")
+    await human.join("#ops")
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await bot.send(Room("irc", NET, "#ops"), "\n".join(f"n{i}" for i in range(45)))
+    lines = await human.messages_from(BOT, 45)
+    elapsed = loop.time() - start
+    assert [m.text for m in lines] == [f"n{i}" for i in range(45)]
+    assert elapsed >= (45 - 5) / 40 * 0.9                   # burst 5, then 40 lines/s
+
+
+# -- reconnection (ngircd) ----------------------------------------------------------------------------
+
+async def test_server_killed_and_restarted_bot_reconnects_rejoins_and_delivers_queued_lines_once(
+        ngircd: Ngircd, bots: BotFactory, humans: Any) -> None:
+    proxy = await TcpProxy(ngircd.port).start()
+    try:
+        bot = await bots(fast(proxy.port))
+        human = await humans(ngircd.port, "grace")
+        await human.join("#ops")
+        ops = Room("irc", NET, "#ops")
+        await bot.send(ops, "before the crash")
+        await human.messages_from(BOT, 1)
+        for _ in range(100):
+            if bot.pending() == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert bot.pending() == 0                            # confirmed by the server
+
+        proxy.accepting = False                              # reconnect only once the human is back
+        ngircd.kill()
+        for _ in range(200):
+            if not bot.connected:
+                break
+            await asyncio.sleep(0.02)
+        assert not bot.connected
+        for i in range(5):
+            await bot.send(ops, f"while down {i}")
+        await human.close()
+
+        ngircd.start()                                       # same port, empty state
+        human = await humans(ngircd.port, "grace")
+        await human.join("#ops")
+        proxy.accepting = True
+        await bot.wait_ready(10)
+        assert bot.disconnects == 1
+        join = await human.expect(lambda m: m.command == "JOIN" and m.nick == bot.nick)
+        assert join.params[0] == "#ops"
+        lines = await human.messages_from(bot.nick, 5)
+        assert [m.text for m in lines] == [f"while down {i}" for i in range(5)]
+        assert await human.quiet(bot.nick, 0.5) == []        # nothing twice, nothing from before
+        reply = await human.ask("#ops", "!whoami", bot.nick)
+        assert reply.text.startswith("grace on testnet")
+    finally:
+        await proxy.close()
+
+
+async def test_a_silent_network_is_detected_by_keepalive_and_lines_written_into_it_are_resent(
+        ngircd: Ngircd, bots: BotFactory, humans: Any) -> None:
+    proxy = await TcpProxy(ngircd.port).start()
+    try:
+        bot = await bots(fast(proxy.port, ping_interval=0.5, ping_timeout=0.5))
+        human = await humans(ngircd.port, "heidi")
+        await human.join("#ops")
+        ops = Room("irc", NET, "#ops")
+        proxy.freeze()                                       # packets vanish; no FIN, no RST
+        for i in range(3):
+            await bot.send(ops, f"into the void {i}")        # written, never confirmed
+        for _ in range(250):
+            if bot.disconnects:
+                break
+            await asyncio.sleep(0.02)
+        assert bot.disconnects == 1                          # noticed within ping_interval + ping_timeout
+        await bot.wait_ready(10)
+        lines = await human.messages_from(bot.nick, 3)
+        assert [m.text for m in lines] == [f"into the void {i}" for i in range(3)]
+        assert await human.quiet(bot.nick, 0.5) == []
+    finally:
+        await proxy.close()
+
+
+async def test_close_flushes_queued_lines_and_quits(ngircd: Ngircd, bots: BotFactory, humans: Any) -> None:
+    bot = await bots(fast(ngircd.port))
+    human = await humans(ngircd.port, "ivan")
+    await human.join("#ops")
+    await bot.send(Identity("irc", NET, "ivan"), "one\ntwo\nthree")
+    await bot.close()
+    assert [m.text for m in await human.messages_from(BOT, 3)] == ["one", "two", "three"]
+    quit_line = await human.expect(lambda m: m.command == "QUIT" and m.nick == BOT)
+    assert "stopping" in quit_line.text
+    with pytest.raises(TransportError):
+        await bot.send(Room("irc", NET, "#ops"), "too late")
+
+
+async def test_sending_to_another_network_or_a_malformed_target_is_refused(ngircd: Ngircd, bots: BotFactory) -> None:
+    bot = await bots(fast(ngircd.port))
+    with pytest.raises(TransportError):
+        await bot.send(Room("xmpp", "jabber", "ops@conference.example.org"), "hi")
+    with pytest.raises(TransportError):
+        await bot.send(Identity("irc", NET, "x :injected"), "hi")
+
+
+# -- identities, SASL and accounts (InspIRCd + Anope) --------------------------------------------------
+
+async def test_bot_logs_in_with_sasl_and_its_lines_carry_its_account(
+        insp: InspircdAnope, bots: BotFactory, humans: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)                          # even the library's raw-line logging
+    bot = await bots(config(insp.port, sasl_account=BOT_ACCOUNT[0], sasl_password=BOT_ACCOUNT[1]))
+    assert bot.account == BOT_ACCOUNT[0]
+    secret = base64.b64encode(f"\0{BOT_ACCOUNT[0]}\0{BOT_ACCOUNT[1]}".encode()).decode()
+    assert any("AUTHENTICATE PLAIN" in r.getMessage() for r in caplog.records)
+    assert not any(secret in r.getMessage() or BOT_ACCOUNT[1] in r.getMessage() for r in caplog.records)
+    human = await humans(insp.helper_port, "judy", caps=("account-tag", "message-tags"))
+    await human.join("#ops")
+    reply = await human.ask("#ops", "!help", BOT)
+    assert reply.tags.get("account") == BOT_ACCOUNT[0]
+
+
+async def test_a_wrong_sasl_password_is_logged_and_the_bot_still_serves(
+        insp: InspircdAnope, bots: BotFactory, humans: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "bot.transports.irc")
+    bot = await bots(config(insp.port, nick="releasebot2", sasl_account=BOT_ACCOUNT[0], sasl_password="wrong"))
+    assert bot.account is None
+    assert any("SASL login as releasebot failed" in r.getMessage() for r in caplog.records)
+    assert not any("wrong" in r.getMessage() for r in caplog.records)      # never the password
+    human = await humans(insp.helper_port, "karl")
+    await human.join("#ops")
+    assert (await human.ask("#ops", "!help", "releasebot2")).text.startswith("commands:")
+
+
+async def test_whoami_shows_the_services_account_of_a_sasl_user(
+        insp: InspircdAnope, bots: BotFactory, humans: Any) -> None:
+    await bots(config(insp.port), users=[User("boss", irc_accounts=("boss",), roles=ADMINS)])
+    human = await humans(insp.helper_port, "bossman", sasl=BOSS)       # any nick: the account counts
+    await human.join("#ops")
+    reply = await human.ask("#ops", "!whoami", BOT)
+    assert reply.text == "bossman on testnet is boss, verified by services account; roles: *: admins"
+
+
+async def test_an_impostor_with_the_admins_nick_is_refused_and_the_refusal_logged(
+        insp: InspircdAnope, bots: BotFactory, humans: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "bot.commands")
+    await bots(config(insp.port), users=[User("boss", irc_accounts=("boss",), roles=ADMINS)])
+    boss = await humans(insp.helper_port, "boss", sasl=BOSS)
+    await boss.join("#ops")
+    assert (await boss.ask("#ops", "!ps", BOT)).text == "no running, waiting or failed instances"
+    await boss.close()
+    await asyncio.sleep(0.2)
+
+    impostor = await humans(insp.helper_port, "boss")                     # same nick, not logged in
+    await impostor.join("#ops")
+    reply = await impostor.ask("#ops", "!ps", BOT)
+    assert reply.text.startswith("not authorised: ps needs a verified, known user "
+                                 "(boss on testnet: not identified (not verified))")
+    reply = await impostor.ask(BOT, "cancel 1", BOT)
+    assert reply.text.startswith("not authorised: cancel needs a verified, known user")
+    refusals = [r.getMessage() for r in caplog.records if r.name == "bot.commands"]
+    assert any("refused 'ps' from boss@testnet" in m for m in refusals)
+    assert any("refused 'cancel 1' from boss@testnet" in m for m in refusals)
+
+
+async def test_without_account_tag_accounts_come_from_extended_join_account_notify_and_whox(
+        insp: InspircdAnope, bots: BotFactory, humans: Any) -> None:
+    early = await humans(insp.helper_port, "early", sasl=ALICE)    # in the channel before the bot: WHOX
+    await early.join("#track")
+    caps = tuple(c for c in DEFAULT_CAPS if c != "account-tag")
+    await bots(config(insp.port, channels=("#track",), request_caps=caps),
+               users=[User("alice", irc_accounts=("alice",)), User("boss", irc_accounts=("boss",), roles=ADMINS)])
+    assert (await early.ask("#track", "!whoami", BOT)).text.startswith("early on testnet is alice, verified by services")
+
+    late = await humans(insp.helper_port, "late", sasl=BOSS)       # joins after the bot: extended-join
+    await late.join("#track")
+    assert (await late.ask("#track", "!whoami", BOT)).text.startswith("late on testnet is boss, verified by services")
+
+    anon = await humans(insp.helper_port, "boss")                  # the admin's nick, not logged in
+    await anon.join("#track")
+    assert (await anon.ask("#track", "!ps", BOT)).text.startswith("not authorised")
+    anon.say("NickServ", f"IDENTIFY {BOSS[1]}")                    # logs in now: account-notify
+    await anon.expect(lambda m: m.command == "900")
+    await asyncio.sleep(0.2)
+    assert (await anon.ask("#track", "!whoami", BOT)).text.startswith("boss on testnet is boss, verified by services")
+    anon.say("NickServ", "LOGOUT")                                 # and out again
+    await anon.expect(lambda m: m.command == "901")
+    await asyncio.sleep(0.2)
+    assert (await anon.ask("#track", "!ps", BOT)).text.startswith("not authorised")
+
+
+async def test_the_bot_ignores_its_own_echoed_lines(
+        insp: InspircdAnope, humans: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, "irc.client_aio")
+    seen: list[Message] = []
+
+    async def record(message: Message) -> None:
+        seen.append(message)
+
+    bot = IrcTransport(config(insp.port, channels=("#echo",)))
+    await bot.start(record)
+    try:
+        await bot.wait_ready(15)
+        human = await humans(insp.helper_port, "lena")
+        await human.join("#echo")
+        for text in ("!ps", f"{BOT}: cancel 1"):
+            await bot.send(Room("irc", NET, "#echo"), text)
+        await bot.send(Identity("irc", NET, BOT), "whoami")         # even a private line to itself
+        assert [m.text for m in await human.messages_from(BOT, 2)] == ["!ps", f"{BOT}: cancel 1"]
+        for _ in range(100):
+            if bot.pending() == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert bot.pending() == 0                                   # the echoes confirmed them
+        echoed = [r.getMessage() for r in caplog.records if f":{BOT}!" in r.getMessage() and "PRIVMSG" in r.getMessage()]
+        assert len(echoed) >= 3                                     # the server did send them back
+        assert seen == []
+        human.say("#echo", "!ps")                                   # control: a human is heard
+        for _ in range(100):
+            if seen:
+                break
+            await asyncio.sleep(0.02)
+        assert [m.text for m in seen] == ["ps"]
+    finally:
+        await bot.close(flush_timeout=1)
+
+
+async def test_the_default_connect_class_really_cuts_off_a_sender_that_does_not_pace(
+        insp: InspircdAnope, humans: Any) -> None:
+    """The control for the next test: on this port an unpaced burst is fatal."""
+    flooder = await humans(insp.port, "flooder")
+    await flooder.join("#flood-control")
+    flooder.writer.write(b"".join(f"PRIVMSG #flood-control :{i:03d} {'x' * 60}\r\n".encode() for i in range(300)))
+    error = await flooder.expect(lambda m: m.command == "ERROR", 15)
+    assert "RecvQ exceeded" in error.text or "Excess Flood" in error.text
+
+
+@pytest.mark.slow
+async def test_500_lines_on_inspircds_default_connect_class_arrive_complete_in_order_without_a_disconnect(
+        insp: InspircdAnope, humans: Any) -> None:
+    # insp.port uses the DEFAULT connect class: 1 s of penalty per line, 10 s
+    # threshold, small RecvQ.  A naive sender is cut off after ~200 lines.
+    assert (DEFAULT_RATE, DEFAULT_BURST) == (1.0, 5)
+
+    async def ignore(message: Message) -> None:
+        pass
+
+    bot = IrcTransport(IrcConfig(name=NET, host="127.0.0.1", port=insp.port, tls=False, nick="floodbot",
+                                 channels=("#flood",)))
+    await bot.start(ignore)
+    try:
+        await bot.wait_ready(15)
+        human = await humans(insp.helper_port, "mallory")
+        await human.join("#flood")
+        text = "\n".join(f"{i:03d} " + "x" * 60 for i in range(500))
+        await bot.send(Room("irc", NET, "#flood"), text)
+        lines = await human.messages_from("floodbot", 500, timeout=600)
+        assert [int(m.text[:3]) for m in lines] == list(range(500))
+        assert bot.connected and bot.disconnects == 0
+        assert not [m for m in human.lines if m.command == "QUIT" and m.nick == "floodbot"]
+    finally:
+        await bot.close(flush_timeout=1)
+
+
+# -- configuration --------------------------------------------------------------------------------
+
+BOT_YAML = """\
+networks:
+  - protocol: irc
+    name: libera
+    host: irc.libera.chat
+    nick: releasebot
+    sasl_account: releasebot
+    sasl_password_env: RELEASEBOT_TEST_IRC_PW
+    channels: ["#ops", "#release"]
+    colour: blue
+    pacing_rate: fast
+    reconnect_min: 10s
+    reconnect_max: 5s
+"""
+
+
+def network_node(text: str) -> Any:
+    node = loads_yaml(textwrap.dedent(text), "bot.yaml")["networks"][0]
+    del node["protocol"]
+    return node
+
+
+def test_parse_config_reports_every_problem_with_file_and_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RELEASEBOT_TEST_IRC_PW", raising=False)
+    cfg, problems = parse_config(network_node(BOT_YAML), "conf/bot.yaml")
+    assert cfg is None
+    text = [str(p) for p in problems]
+    assert any(t.startswith("conf/bot.yaml:9: irc network 'libera': unknown key 'colour'") for t in text)
+    assert "conf/bot.yaml:7: irc network 'libera': sasl_password_env: environment variable " \
+           "RELEASEBOT_TEST_IRC_PW is not set" in text
+    assert any(t.startswith("conf/bot.yaml:10: irc network 'libera': pacing_rate: expected int or float") for t in text)
+    assert any(t.startswith("conf/bot.yaml:11: irc network 'libera': reconnect_min: must not exceed") for t in text)
+    assert len(problems) == 4
+
+
+def test_parse_config_missing_keys_wrong_types_and_literal_secrets() -> None:
+    cfg, problems = parse_config(network_node("""\
+        networks:
+          - protocol: irc
+            tls: "yes"
+            channels: [ops]
+            sasl_password: hunter2
+        """), "bot.yaml")
+    assert cfg is None
+    text = [str(p) for p in problems]
+    assert "bot.yaml:2: irc network: missing 'name'" in text
+    assert "bot.yaml:2: irc network: missing 'host'" in text
+    assert "bot.yaml:2: irc network: missing 'nick'" in text
+    assert any(t.startswith("bot.yaml:3: irc network: tls: expected bool") for t in text)
+    assert any(t.startswith("bot.yaml:4: irc network: channels: 'ops' is not a channel") for t in text)
+    assert any(t.startswith("bot.yaml:5: irc network: sasl_password: secrets are not written") for t in text)
+    assert not any("hunter2" in t for t in text)
+
+
+def test_parse_config_reads_the_password_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RELEASEBOT_TEST_IRC_PW", "s3cret")
+    cfg, problems = parse_config(network_node("""\
+        networks:
+          - protocol: irc
+            name: libera
+            host: irc.libera.chat
+            nick: releasebot
+            sasl_password_env: RELEASEBOT_TEST_IRC_PW
+            channels: ["#ops"]
+            pacing_rate: 2
+            reconnect_max: 2m
+        """), "bot.yaml")
+    assert problems == []
+    assert cfg is not None
+    assert (cfg.sasl_account, cfg.sasl_password, cfg.server_port, cfg.tls) == ("releasebot", "s3cret", 6697, True)
+    assert (cfg.pacing_rate, cfg.pacing_burst, cfg.reconnect_max, cfg.channels) == (2.0, DEFAULT_BURST, 120.0, ("#ops",))
+    assert "s3cret" not in repr(cfg)
+
+
+def test_the_bot_config_loader_reports_irc_problems_as_file_and_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RELEASEBOT_TEST_IRC_PW", raising=False)
+    conf = tmp_path / "conf"
+    shutil.copytree(ROOT / "conf", conf)
+    text = (conf / "bot.yaml").read_text()
+    assert "\nnetworks: []\n" in text
+    text = text.replace("\nnetworks: []\n", "\nnetworks:\n  - protocol: irc\n    name: libera\n"
+                        "    host: irc.example.org\n    nick: releasebot\n"
+                        "    sasl_password_env: RELEASEBOT_TEST_IRC_PW\n    colour: blue\n")
+    (conf / "bot.yaml").write_text(text)
+    lines = text.splitlines()
+    colour = lines.index("    colour: blue") + 1
+    with pytest.raises(ConfigError) as err:
+        load_config(conf, ParticipantRegistry(discover()).names())
+    problems = str(err.value).splitlines()
+    assert any(p.startswith(f"conf/bot.yaml:{colour}: irc network 'libera': unknown key 'colour'") for p in problems)
+    assert (f"conf/bot.yaml:{colour - 1}: irc network 'libera': sasl_password_env: environment variable "
+            "RELEASEBOT_TEST_IRC_PW is not set") in problems
+
+
+async def test_a_taken_nick_makes_the_bot_use_another_and_answer_to_that(
+        ngircd: Ngircd, bots: BotFactory, humans: Any) -> None:
+    squatter = await humans(ngircd.port, BOT)
+    await squatter.join("#ops")
+    bot = await bots(fast(ngircd.port))
+    assert bot.nick == BOT + "_"
+    reply = await squatter.ask("#ops", f"{BOT}_: help whoami", bot.nick)
+    assert reply.text.startswith("whoami - ")
+    squatter.say("#ops", f"{BOT}: help")                    # addressed to the squatter, not the bot
+    assert await squatter.quiet(bot.nick, 0.3) == []
+
+
+def test_reconnect_backoff_doubles_with_jitter_up_to_the_maximum() -> None:
+    cfg = config(1, reconnect_min=1.0, reconnect_max=8.0)
+    low = IrcTransport(cfg, rng=lambda: 0.0)
+    high = IrcTransport(cfg, rng=lambda: 1.0)
+    assert [low._backoff(n) for n in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    assert [high._backoff(n) for n in range(6)] == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
