@@ -1,0 +1,793 @@
+"""The XMPP front-end: direct messages and XEP-0045 multi-user chat rooms.
+
+Who sent a message is what the server stamps on it: in a direct message the
+sender's bare JID (``VERIFIED_JID``).  In a room only the occupant's real JID
+counts, and only when the room shows it to the bot (rooms the bot created,
+where it is owner and so moderator, or non-anonymous rooms); otherwise the
+sender is a bare nickname, ``account=None``, and the ``Room`` says it hides
+identities, so the dispatcher refuses privileged commands and says why.
+
+slixmpp is imported only here; its exceptions become ``TransportError``.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import random
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from bot.chat import (UNVERIFIED, VERIFIED_JID, Identity, Message, MessageHandler, Room, Target,
+                      TransportError)
+from bot.commands import sanitise
+from bot.pacing import TokenBucket
+from engine.sourcefile import Node, Problem, parse_duration
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = "xmpp"
+TLS_POLICIES = ("starttls", "direct", "plaintext")
+KEYS = ("name", "jid", "password_env", "host", "port", "tls", "ca_file", "rooms", "nick",
+        "command_prefix", "rate", "burst", "reconnect_min", "reconnect_max", "keepalive",
+        "max_line_chars")
+REQUIRED = ("name", "jid", "password_env")
+
+
+@dataclass(frozen=True)
+class XmppConfig:
+    name: str                          # the network name in logs and identities
+    jid: str                           # the bot's bare JID, bot@example.org
+    password: str = field(repr=False)  # from the environment; never logged, never in repr
+    host: str | None = None            # default: the JID's domain (SRV if aiodns is installed)
+    port: int | None = None            # default: 5222 (5223 with tls=direct)
+    tls: str = "starttls"              # starttls | direct (XEP-0368) | plaintext (loopback tests only)
+    ca_file: str | None = None         # extra CA bundle; certificates are always verified
+    rooms: tuple[str, ...] = ()        # room JIDs to join (and create if missing)
+    nick: str | None = None            # default: the JID's local part
+    command_prefix: str = "!"
+    rate: float = 5.0                  # outbound lines per second ...
+    burst: int = 10                    # ... after a burst of this many
+    reconnect_min: float = 1.0         # backoff after a lost connection: min doubling to max,
+    reconnect_max: float = 300.0       # with jitter
+    keepalive: float = 60.0            # ping the server this often when idle (0: never)
+    max_line_chars: int = 3000         # longer lines are split (at a space if possible)
+    connect_timeout: float = 30.0      # start() waits this long for the first session
+    join_timeout: float = 10.0
+
+    @property
+    def room_nick(self) -> str:
+        return self.nick or self.jid.split("@", 1)[0]
+
+
+def parse_config(node: Any, file: str) -> tuple[XmppConfig | None, list[Problem]]:
+    """Validate one ``networks:`` entry (without its ``protocol`` key).  Every
+    problem is reported with its line; the password comes from the variable
+    named by ``password_env`` and never appears in a problem."""
+    from slixmpp.jid import JID, InvalidJID
+
+    problems: list[Problem] = []
+    line0 = getattr(node, "line", 0)
+
+    label = (f"xmpp network {node['name']!r}" if isinstance(node, dict) and isinstance(node.get("name"), str)
+             else "xmpp network")
+
+    def problem(key: str | None, message: str) -> None:
+        line = node.line_of(key) if key and isinstance(node, Node) else line0
+        problems.append(Problem(file, line, f"{label}: {message}"))
+
+    if not isinstance(node, dict):
+        problem(None, "expected a mapping")
+        return None, problems
+    for key in node:
+        if key == "password":
+            problem(key, "the password is a secret: put it in an environment variable "
+                         "and name that variable with password_env")
+        elif key not in KEYS:
+            problem(key, f"unknown key {key!r} (expected {', '.join(KEYS)})")
+    for key in REQUIRED:
+        if key not in node:
+            problem(None, f"missing required key {key!r}")
+
+    def typed(key: str, kind: type | tuple[type, ...], default: Any,
+              check: Callable[[Any], str | None] | None = None) -> Any:
+        if key not in node:
+            return default
+        value = node[key]
+        wrong_bool = isinstance(value, bool) and kind is not bool
+        if not isinstance(value, kind) or wrong_bool:
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            problem(key, f"{key}: expected {names}, got {value!r}")
+            return default
+        message = check(value) if check else None
+        if message:
+            problem(key, f"{key}: {message}")
+            return default
+        return value
+
+    def bare_jid(value: str) -> str | None:
+        try:
+            jid = JID(value)
+        except InvalidJID as exc:
+            return f"not a valid JID ({exc})"
+        if not jid.user or jid.resource:
+            return "expected a bare JID like name@example.org"
+        return None
+
+    def duration(key: str, default: float) -> float:
+        if key not in node:
+            return default
+        try:
+            return parse_duration(node[key])
+        except ValueError as exc:
+            problem(key, f"{key}: {exc}")
+            return default
+
+    name = typed("name", str, None, lambda v: None if v.strip() else "must not be empty")
+    jid = typed("jid", str, None, bare_jid)
+    host = typed("host", str, None, lambda v: None if v.strip() else "must not be empty")
+    port = typed("port", int, None, lambda v: None if 0 < v < 65536 else "expected 1..65535")
+    tls = typed("tls", str, "starttls",
+                lambda v: None if v in TLS_POLICIES else f"expected one of {', '.join(TLS_POLICIES)}")
+    ca_file = typed("ca_file", str, None,
+                    lambda v: None if os.path.isfile(v) else "no such file")
+    nick = typed("nick", str, None, lambda v: None if v.strip() and "/" not in v else "a non-empty nickname")
+    prefix = typed("command_prefix", str, "!",
+                   lambda v: None if v and not any(c.isspace() for c in v) else "a non-blank word")
+    rate = typed("rate", (int, float), 5.0, lambda v: None if v > 0 else "must be > 0")
+    burst = typed("burst", int, 10, lambda v: None if v >= 1 else "at least 1")
+    max_line = typed("max_line_chars", int, 3000, lambda v: None if v >= 100 else "at least 100")
+    rmin = duration("reconnect_min", 1.0)
+    rmax = duration("reconnect_max", 300.0)
+    if rmin <= 0 or rmax < rmin:
+        problem("reconnect_max", "need 0 < reconnect_min <= reconnect_max")
+    keepalive = duration("keepalive", 60.0)
+
+    rooms: list[str] = []
+    if "rooms" in node:
+        raw = node["rooms"]
+        if not isinstance(raw, list) or not all(isinstance(r, str) for r in raw):
+            problem("rooms", "rooms: expected a list of room JIDs")
+        else:
+            for room in raw:
+                message = bare_jid(room)
+                if message:
+                    problem("rooms", f"room {room!r}: {message}")
+                else:
+                    rooms.append(room)
+
+    password = None
+    env = typed("password_env", str, None, lambda v: None if v.strip() else "must name a variable")
+    if env is not None:
+        password = os.environ.get(env)
+        if not password:
+            problem("password_env", f"environment variable {env} (password_env) is not set or empty")
+
+    if problems or name is None or jid is None or password is None:
+        return None, problems
+    return XmppConfig(name=name, jid=jid, password=password, host=host, port=port, tls=tls,
+                      ca_file=ca_file, rooms=tuple(rooms), nick=nick, command_prefix=prefix,
+                      rate=float(rate), burst=burst, reconnect_min=rmin, reconnect_max=rmax,
+                      keepalive=keepalive, max_line_chars=max_line), []
+
+
+def split_text(text: str, limit: int) -> list[str]:
+    """One chat line per line of text; a line longer than ``limit`` is cut at
+    its last space within the limit (that one space becomes the break) or,
+    failing that, hard at the limit.  Nothing else is dropped but empty lines."""
+    out: list[str] = []
+    for line in text.splitlines():
+        while len(line) > limit:
+            space = line.rfind(" ", 1, limit + 1)
+            if space > 0:
+                out.append(line[:space])
+                line = line[space + 1:]
+            else:
+                out.append(line[:limit])
+                line = line[limit:]
+        if line:
+            out.append(line)
+    return out
+
+
+@dataclass
+class _Line:
+    """One outbound chat message, with the stanza currently carrying it."""
+
+    to: str
+    mtype: str          # "chat" | "groupchat"
+    body: str
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    stanza: Any = None
+
+
+class XmppTransport:
+    """One XMPP account: direct messages plus the configured rooms.
+
+    Outbound delivery guarantee (what "delivered once" means here):
+
+    * ``send`` only queues.  A line leaves the queue only while a session is
+      up and every configured room has been (re)joined, in queue order,
+      paced by a token bucket.
+    * With XEP-0198 stream management (Prosody 0.12 ``smacks``), a line
+      counts as delivered only when the server acknowledges it.  If the
+      stream is resumed, slixmpp resends the unacknowledged stanzas; if a
+      new session has to be started (server restarted), the unacknowledged
+      lines go back to the head of the queue, in order.  Lines queued while
+      disconnected are therefore delivered exactly once, in order, after the
+      reconnect; a line whose acknowledgement was lost on the wire (the
+      server got it, the ack did not reach us) may be delivered twice.
+    * Without stream management, a line counts as delivered once it is
+      written to a live session's socket: lines queued while disconnected
+      are still delivered exactly once, in order, but a line written just
+      before the connection died may be lost (at most once).
+    * The queue holds at most ``max_queued`` lines; beyond that the oldest
+      is dropped with an ERROR log line (a bot offline for very long).
+    """
+
+    protocol = PROTOCOL
+
+    def __init__(self, config: XmppConfig, *, max_queued: int = 10_000,
+                 rng: Callable[[], float] = random.random) -> None:
+        self.config = config
+        self.network = config.name
+        self.online = asyncio.Event()       # session up and rooms (re)joined
+        self.connections = 0                # sessions started (not resumed) so far
+        self._max_queued = max_queued
+        self._rng = rng
+        self._bucket = TokenBucket(config.rate, config.burst)
+        self._pending: collections.deque[_Line] = collections.deque()
+        self._inflight: dict[str, _Line] = {}      # handed to slixmpp, not yet delivered
+        self._sent_ids: collections.deque[str] = collections.deque(maxlen=500)
+        self._sent_set: set[str] = set()
+        self._nicks: dict[str, str] = {}    # room JID -> our nick in it
+        self._wakeup = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._client: Any = None
+        self._on_message: MessageHandler | None = None
+        self._first: asyncio.Future[str] | None = None
+        self._auth_error: str | None = None
+        self._last_error = ""
+        self._requeued: set[str] = set()    # ids of lines queued again after a dead session
+        self._session = asyncio.Event()     # authenticated and bound (rooms perhaps not yet)
+        self._ack_timer: asyncio.Handle | None = None
+        self._ack_answer: asyncio.Handle | None = None
+        self._generation = 0                # bumped by every session start and disconnect
+        self._closing = False
+
+    @property
+    def undelivered(self) -> int:
+        """Lines queued or sent but not yet acknowledged by the server."""
+        return len(self._pending) + len(self._inflight)
+
+    # --- the Transport contract --------------------------------------------
+
+    async def start(self, on_message: MessageHandler) -> None:
+        """Connect and keep reconnecting in the background.  Returns once the
+        first session is up (rooms joined), or after the first failed attempt
+        (the bot keeps trying); raises TransportError if the server refused
+        the credentials or the TLS policy cannot be met (retrying is pointless)."""
+        if self._client is not None:
+            raise TransportError(f"xmpp {self.network}: already started")
+        self._on_message = on_message
+        self._client = self._make_client()
+        loop = asyncio.get_running_loop()
+        self._first = loop.create_future()
+        self._spawn(self._pump(), "pump")
+        supervisor = self._spawn(self._supervise(), "supervisor")
+        try:
+            outcome = await asyncio.wait_for(asyncio.shield(self._first), self.config.connect_timeout)
+        except asyncio.TimeoutError:
+            log.warning("xmpp %s: no session after %.0fs; still trying in the background",
+                        self.network, self.config.connect_timeout)
+            return
+        except TransportError:
+            supervisor.cancel()
+            await self.close()
+            raise
+        if outcome != "online":
+            log.warning("xmpp %s: cannot connect yet (%s); retrying in the background", self.network, outcome)
+
+    async def send(self, target: Target, text: str) -> None:
+        """Queue ``text`` for ``target``: one message per line, paced, never
+        truncated (an overlong line is split), delivered as described above."""
+        if self._closing:
+            raise TransportError(f"xmpp {self.network}: closed")
+        if target.protocol != PROTOCOL or target.network != self.network:
+            raise TransportError(f"xmpp {self.network}: cannot send to {target}")
+        if isinstance(target, Room):
+            to, mtype = target.name, "groupchat"
+        else:
+            to, mtype = target.handle, "chat"
+        for chunk in split_text(text, self.config.max_line_chars):
+            if len(self._pending) >= self._max_queued:
+                dropped = self._pending.popleft()
+                log.error("xmpp %s: send queue full (%d lines); dropped the oldest line to %s",
+                          self.network, self._max_queued, dropped.to)
+            self._pending.append(_Line(to, mtype, chunk))
+        self._wakeup.set()
+
+    async def close(self, flush_timeout: float = 2.0) -> None:
+        """Flush what can be flushed (while connected), say goodbye, disconnect."""
+        if self._closing and self._client is None:
+            return
+        deadline = time.monotonic() + flush_timeout
+        while (self._pending or self._inflight) and self.online.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        self._closing = True
+        left = len(self._pending) + len(self._inflight)
+        if left:
+            log.warning("xmpp %s: closing with %d undelivered line(s)", self.network, left)
+        for handle in (self._ack_timer, self._ack_answer):
+            if handle is not None:
+                handle.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        client, self._client = self._client, None
+        if client is not None and client.transport is not None:
+            try:
+                client.send_presence(ptype="unavailable")
+                await asyncio.wait_for(client.disconnect(wait=1.0), 2.0)
+            except Exception as exc:  # closing anyway; the library's reason is only logged
+                log.debug("xmpp %s: disconnect: %r", self.network, exc)
+                client.abort()
+        if client is not None:
+            client.cancel_connection_attempt()
+        self.online.clear()
+        log.info("xmpp %s: closed", self.network)
+
+    # --- connection management ---------------------------------------------
+
+    def _make_client(self) -> Any:
+        import slixmpp
+
+        cfg = self.config
+        plaintext = cfg.tls == "plaintext"
+        # Unencrypted SASL only when plaintext was asked for: with TLS
+        # required, a server without TLS never sees the password.
+        mechanisms = {"unencrypted_scram": plaintext, "unencrypted_plain": plaintext}
+        resource = f"releasebot-{uuid.uuid4().hex[:6]}"
+        client = slixmpp.ClientXMPP(f"{cfg.jid}/{resource}", cfg.password,
+                                    plugin_config={"feature_mechanisms": mechanisms})
+        client.enable_direct_tls = cfg.tls == "direct"
+        client.enable_starttls = cfg.tls == "starttls"
+        client.enable_plaintext = plaintext
+        if cfg.ca_file:
+            client.ca_certs = Path(cfg.ca_file)
+        client.register_plugin("xep_0030")
+        client.register_plugin("xep_0045")
+        client.register_plugin("xep_0199")     # answers the server's pings; we ping ourselves
+        # slixmpp's own ack requests go out *before* the stanza they count
+        # (so the last line would stay unacknowledged); we ask after writing.
+        client.register_plugin("xep_0198", pconfig={"window": 2 ** 31})
+        client.add_filter("out_sync", self._outgoing)   # after xep_0198's own out_sync filter
+        client.add_event_handler("session_start", self._session_start)
+        client.add_event_handler("session_resumed", self._session_resumed)
+        client.add_event_handler("session_end", self._session_end)
+        client.add_event_handler("disconnected", self._disconnected)
+        client.add_event_handler("failed_all_auth", self._failed_auth)
+        client.add_event_handler("connection_failed", self._connection_failed)
+        client.add_event_handler("sm_enabled", lambda _: log.debug("xmpp %s: stream management on",
+                                                                   self.network))
+        client.add_event_handler("stanza_acked", self._acked)
+        client.add_event_handler("message", self._message)
+        client.add_event_handler("message_error", self._message_error)
+        return client
+
+    def _address(self) -> tuple[str | None, int | None]:
+        cfg = self.config
+        if cfg.host is None and cfg.port is None:
+            return None, None
+        host = cfg.host or cfg.jid.split("@", 1)[1]
+        return host, cfg.port or (5223 if cfg.tls == "direct" else 5222)
+
+    def _backoff(self, failures: int) -> float:
+        cfg = self.config
+        base = min(cfg.reconnect_max, cfg.reconnect_min * 2 ** min(failures, 30))
+        return base / 2 + base / 2 * self._rng()      # "equal jitter": never 0, never in lockstep
+
+    def _settle_first(self, outcome: str | BaseException) -> None:
+        if self._first is not None and not self._first.done():
+            if isinstance(outcome, BaseException):
+                self._first.set_exception(outcome)
+            else:
+                self._first.set_result(outcome)
+
+    async def _supervise(self) -> None:
+        failures = 0
+        while not self._closing:
+            try:
+                failures = await self._attempt(failures)
+            except asyncio.CancelledError:
+                raise
+            except Exception:   # a bug here must not end reconnecting for good
+                log.exception("xmpp %s: connection attempt failed unexpectedly", self.network)
+                self._client.abort()
+                failures = await self._back_off(failures, "unexpected error")
+            if failures < 0:
+                return
+
+    async def _back_off(self, failures: int, reason: str) -> int:
+        delay = self._backoff(failures)
+        log.warning("xmpp %s: %s; reconnecting in %.1fs", self.network, reason, delay)
+        await asyncio.sleep(delay)
+        return failures + 1
+
+    async def _attempt(self, failures: int) -> int:
+        """One connection, from connecting until it is lost; returns the new
+        failure count (-1: give up, start() reports why)."""
+        client = self._client
+        host, port = self._address()
+        self._lost.clear()
+        self._auth_error = None
+        self._last_error = ""
+        try:
+            # a black-holed address would otherwise hang in connect() for minutes
+            result = await asyncio.wait_for(asyncio.shield(client.connect(host, port)),
+                                            self.config.connect_timeout)
+        except asyncio.TimeoutError:
+            result, self._last_error = "timeout", "timed out"
+        if result is not None or not client.is_connected():
+            client.cancel_connection_attempt()     # we back off ourselves, with jitter
+            reason = (f"cannot connect to {host or client.boundjid.host}:{port or 'default port'}"
+                      + (f" ({self._last_error})" if self._last_error else ""))
+        else:
+            if await self._connected_period():
+                failures = 0                       # a session worked: start over at the minimum
+            reason = "connection lost"
+        self.online.clear()
+        if self._auth_error:
+            error = TransportError(f"xmpp {self.network}: {self._auth_error}")
+            if self._first is not None and not self._first.done():
+                self._settle_first(error)
+                return -1
+            log.error("%s", error)
+            failures = max(failures, 30)           # keep trying, slowly: a password may be fixed
+        else:
+            self._settle_first(reason)
+        return await self._back_off(failures, reason)
+
+    async def _connected_period(self) -> bool:
+        """From TCP connect until the connection is lost: wait for the
+        session (authenticated and bound), then keep it alive with pings.
+        Returns whether a session was established."""
+        self._session.clear()
+        session = asyncio.ensure_future(self._session.wait())
+        lost = asyncio.ensure_future(self._lost.wait())
+        try:
+            await asyncio.wait({session, lost}, timeout=self.config.connect_timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            session.cancel()
+            lost.cancel()
+        had_session = self._session.is_set()
+        if not had_session and not self._lost.is_set():
+            log.warning("xmpp %s: no session %.0fs after connecting; dropping the connection",
+                        self.network, self.config.connect_timeout)
+            self._client.abort()
+        while not self._lost.is_set():
+            try:
+                await asyncio.wait_for(self._lost.wait(), self.config.keepalive or None)
+            except asyncio.TimeoutError:
+                await self._ping()
+        return had_session
+
+    async def _ping(self) -> None:
+        from slixmpp.exceptions import IqError, IqTimeout
+
+        try:
+            await self._client.plugin["xep_0199"].ping(timeout=min(30.0, self.config.keepalive))
+        except IqTimeout:
+            log.warning("xmpp %s: no answer to a keepalive ping; dropping the connection", self.network)
+            self._client.abort()
+        except IqError:
+            pass            # an error reply is still a reply: the server is there
+        except Exception as exc:  # e.g. the session died meanwhile: the supervisor sees it
+            log.debug("xmpp %s: keepalive ping: %r", self.network, exc)
+
+    # --- slixmpp events ------------------------------------------------------
+
+    async def _session_start(self, _event: Any) -> None:
+        client = self._client
+        self.connections += 1
+        encrypted = client.transport is not None and client.transport.get_extra_info("ssl_object") is not None
+        log.info("xmpp %s: session started as %s (TLS: %s)", self.network, client.boundjid,
+                 "yes" if encrypted else "NO")
+        self._generation += 1
+        generation = self._generation
+        self._session.set()
+        client.send_presence()
+        for room in self.config.rooms:
+            await self._join(room)
+        # a session that died while we were joining must not mark its successor online
+        if generation == self._generation and client.is_connected() and not self._lost.is_set():
+            self._set_online()
+
+    def _session_resumed(self, _event: Any) -> None:
+        # Rooms stay joined on the server across a resumed stream.  Lines
+        # handed to slixmpp that never reached the socket (they are not in
+        # the plugin's unacked queue) are queued again, at the head.
+        unacked = {id(s) for _, s in self._client.plugin["xep_0198"].unacked_queue}
+        lost = [line for line in self._inflight.values() if id(line.stanza) not in unacked]
+        self._requeue(lost)
+        self._session.set()
+        log.info("xmpp %s: stream resumed", self.network)
+        self._set_online()
+
+    def _session_end(self, _event: Any) -> None:
+        # A new session is needed: nothing unacknowledged will be resent by
+        # the library, so it goes back to the head of our queue, in order.
+        self.online.clear()
+        if self._closing:
+            return
+        self._requeue(list(self._inflight.values()))
+
+    def _disconnected(self, reason: Any) -> None:
+        self._generation += 1
+        self.online.clear()
+        self._lost.set()
+        if not self._closing:
+            log.info("xmpp %s: disconnected (%s)", self.network, sanitise(str(reason or "connection closed")))
+
+    def _connection_failed(self, error: Any) -> None:
+        self._last_error = sanitise(str(error), 120)
+
+    def _failed_auth(self, _event: Any) -> None:
+        client = self._client
+        if client.transport is not None and client.transport.get_extra_info("ssl_object") is None \
+                and self.config.tls != "plaintext":
+            self._auth_error = (f"the server offered no TLS for {self.config.jid}; refusing to send the "
+                                "password unencrypted (set tls: plaintext only for a loopback test server)")
+        else:
+            self._auth_error = f"authentication as {self.config.jid} failed"
+
+    def _set_online(self) -> None:
+        queued = len(self._pending)
+        self.online.set()
+        self._wakeup.set()
+        self._settle_first("online")
+        if queued:
+            log.info("xmpp %s: online; delivering %d queued line(s)", self.network, queued)
+
+    async def _join(self, room: str) -> None:
+        from slixmpp.exceptions import PresenceError
+        from slixmpp.jid import JID
+
+        muc = self._client.plugin["xep_0045"]
+        nick = self.config.room_nick
+        for _ in range(3):
+            try:
+                pres, _subject, _occupants, _history = await muc.join_muc_wait(
+                    JID(room), nick, maxstanzas=0, timeout=self.config.join_timeout)
+            except PresenceError as exc:
+                if exc.condition == "conflict":
+                    nick += "_"
+                    continue
+                log.warning("xmpp %s: cannot join %s: %s", self.network, room, exc.condition)
+                return
+            except asyncio.TimeoutError:
+                log.warning("xmpp %s: no answer joining %s after %.0fs", self.network, room,
+                            self.config.join_timeout)
+                return
+            self._nicks[JID(room).bare] = pres["from"].resource
+            created = 201 in pres["muc"]["status_codes"]
+            if created:
+                await self._configure_new_room(room)
+            log.info("xmpp %s: joined %s as %s%s", self.network, room, pres["from"].resource,
+                     " (created it: I own it and see real JIDs)" if created else "")
+            return
+        log.warning("xmpp %s: cannot join %s: nickname %s and variants are taken",
+                    self.network, room, self.config.room_nick)
+
+    async def _configure_new_room(self, room: str) -> None:
+        """Accept the default configuration ("instant room"): on servers that
+        lock new rooms until configured, this unlocks it for everyone else."""
+        from slixmpp.exceptions import IqError, IqTimeout
+
+        client = self._client
+        form = client.plugin["xep_0004"].make_form(ftype="submit")
+        try:
+            await client.plugin["xep_0045"].set_room_config(room, form, timeout=self.config.join_timeout)
+        except (IqError, IqTimeout) as exc:
+            log.warning("xmpp %s: could not configure the new room %s: %s", self.network, room,
+                        getattr(exc, "condition", "timeout"))
+
+    # --- outbound --------------------------------------------------------------
+
+    async def _pump(self) -> None:
+        while True:
+            if not (self.online.is_set() and self._pending):
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            delay = self._bucket.delay()
+            if delay > 0:
+                await asyncio.sleep(delay)
+                continue
+            line = self._pending.popleft()
+            self._requeued.discard(line.id)
+            self._bucket.take()
+            try:
+                msg = self._client.make_message(mto=line.to, mbody=line.body, mtype=line.mtype)
+            except Exception:   # e.g. an invalid JID in a target: drop that line, not the pump
+                log.exception("xmpp %s: cannot send to %s", self.network, sanitise(line.to))
+                continue
+            msg["id"] = line.id
+            line.stanza = msg
+            self._inflight[line.id] = line
+            if line.mtype == "groupchat":
+                self._remember_sent(line.id)
+            self._client.send(msg)
+            log.debug("xmpp %s: -> %s: %s", self.network, line.to, sanitise(line.body))
+
+    def _outgoing(self, stanza: Any) -> Any:
+        """Runs just before slixmpp writes a stanza (after xep_0198 counted it)."""
+        line = self._inflight.get(stanza["id"]) if stanza.name == "message" else None
+        if line is None:
+            if stanza.name == "message" and stanza["id"] in self._requeued:
+                return None     # a copy from a dead session: the line is queued again
+            return stanza
+        if line.stanza is not stanza:
+            return None
+        if self._client.transport is None:
+            return None         # the session died: the line stays in flight and is requeued
+        if not self._client.plugin["xep_0198"].enabled_out:
+            del self._inflight[line.id]      # no acks on this stream: written counts as delivered
+        else:
+            self._schedule_ack_request()
+        return stanza
+
+    def _schedule_ack_request(self) -> None:
+        """Ask the server to acknowledge what we wrote, once per batch: the
+        call runs after this pass of slixmpp's send loop has written it."""
+        if self._ack_timer is None:
+            self._ack_timer = asyncio.get_running_loop().call_soon(self._request_ack)
+
+    def _request_ack(self) -> None:
+        self._ack_timer = None
+        client = self._client
+        if client is not None and client.transport is not None and client.plugin["xep_0198"].enabled_out:
+            client.plugin["xep_0198"].request_ack()
+
+    def _acked(self, stanza: Any) -> None:
+        line = self._inflight.get(stanza["id"])
+        if line is not None and line.stanza is stanza:
+            del self._inflight[line.id]
+        if self._ack_answer is None:
+            self._ack_answer = asyncio.get_running_loop().call_soon(self._answer_ack)
+
+    def _answer_ack(self) -> None:
+        """Answer the server's ack with one byte of whitespace (allowed between
+        stanzas).  Otherwise the ack is data nobody answers: our kernel delays
+        its TCP ACK by ~40 ms and the server's Nagle holds its next stanza to us
+        (the next command) until then, adding ~40 ms to every round trip."""
+        self._ack_answer = None
+        client = self._client
+        if client is not None and client.transport is not None:
+            client.send_raw(" ")
+
+    def _requeue(self, lines: list[_Line]) -> None:
+        if not lines:
+            return
+        for line in lines:
+            self._inflight.pop(line.id, None)
+            self._requeued.add(line.id)
+            line.stanza = None
+        self._pending.extendleft(reversed(lines))
+        log.info("xmpp %s: %d unacknowledged line(s) queued again", self.network, len(lines))
+        self._wakeup.set()
+
+    def _remember_sent(self, msg_id: str) -> None:
+        if len(self._sent_ids) == self._sent_ids.maxlen:
+            self._sent_set.discard(self._sent_ids[0])
+        self._sent_ids.append(msg_id)
+        self._sent_set.add(msg_id)
+
+    # --- inbound ---------------------------------------------------------------
+
+    def _message(self, msg: Any) -> None:
+        mtype = msg["type"]
+        body = msg["body"]
+        if not body or not body.strip():
+            return                      # chat states, receipts, subjects
+        if mtype == "groupchat":
+            self._room_message(msg, body)
+        elif mtype in ("chat", "normal"):
+            self._direct_message(msg, body)
+
+    def _direct_message(self, msg: Any, body: str) -> None:
+        sender = msg["from"]
+        bare = sender.bare
+        if not sender.user or not sender.resource or bare == self.config.jid:
+            return                      # a service or room (invites), or another session of ours
+        room = bare if bare in self._nicks else None
+        if room is not None:
+            # A private message through a room: only the room's view of the sender counts.
+            nick = sender.resource
+            if not nick or nick == self._nicks.get(room):
+                return
+            ident = self._occupant(room, nick)
+        else:
+            ident = Identity(PROTOCOL, self.network, str(sender), account=bare, verified_by=VERIFIED_JID)
+        text = body.strip()
+        if text.startswith(self.config.command_prefix):
+            text = text[len(self.config.command_prefix):].strip()
+        if not text:
+            return
+        if msg.get_plugin("delay", check=True) is not None:
+            # Stored while we were offline: running it late could surprise its sender.
+            log.info("xmpp %s: not running %r from %s, sent while I was offline", self.network,
+                     sanitise(text), ident)
+            self._reply_later(ident, f"I was offline when you sent {sanitise(text, 60)!r}; "
+                                     "not run: send it again if you still want it")
+            return
+        self._dispatch(Message(ident, text))
+
+    def _room_message(self, msg: Any, body: str) -> None:
+        sender = msg["from"]
+        room, nick = sender.bare, sender.resource
+        if room not in self._nicks or not nick:
+            return                      # not our room, or the room itself speaking
+        ours = self._nicks[room]
+        if nick == ours or msg["id"] in self._sent_set:
+            return                      # the room reflecting our own message: never answer it
+        if msg.get_plugin("delay", check=True) is not None:
+            return                      # history replayed on join
+        text = self._addressed(body, ours)
+        if text is None:
+            return
+        ident = self._occupant(room, nick)
+        where = Room(PROTOCOL, self.network, room, exposes_identities=ident.account is not None)
+        self._dispatch(Message(ident, text, where))
+
+    def _addressed(self, body: str, nick: str) -> str | None:
+        """The command in a room message, or None if it is not one."""
+        text = body.strip()
+        prefix = self.config.command_prefix
+        if text.startswith(prefix):
+            text = text[len(prefix):].strip()
+            return text or None
+        match = re.match(rf"{re.escape(nick)}\s*[:,]\s*(.+)$", text, re.IGNORECASE | re.DOTALL)
+        if match:
+            return match.group(1).strip() or None
+        return None
+
+    def _occupant(self, room: str, nick: str) -> Identity:
+        """A room occupant: their real bare JID only if the room shows it to us."""
+        from slixmpp.jid import JID
+
+        real = self._client.plugin["xep_0045"].get_jid_property(JID(room), nick, "jid")
+        account = JID(str(real)).bare if real else None
+        return Identity(PROTOCOL, self.network, f"{room}/{nick}", account=account,
+                        verified_by=VERIFIED_JID if account else UNVERIFIED)
+
+    def _dispatch(self, message: Message) -> None:
+        log.debug("xmpp %s: command %r from %s", self.network, sanitise(message.text), message.sender)
+        handler = self._on_message
+        if handler is not None:
+            self._spawn(handler(message), "command")
+
+    def _reply_later(self, ident: Identity, text: str) -> None:
+        self._spawn(self.send(ident, text), "reply")
+
+    def _message_error(self, msg: Any) -> None:
+        log.warning("xmpp %s: message to %s bounced: %s", self.network, msg["from"],
+                    msg["error"]["condition"])
+
+    def _spawn(self, coro: Any, what: str) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("xmpp %s: %s task failed", self.network, what, exc_info=t.exception())
+        task.add_done_callback(done)
+        return task

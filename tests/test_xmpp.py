@@ -1,0 +1,448 @@
+"""The XMPP front-end against a real Prosody on 127.0.0.1, with a real
+slixmpp client playing the human, wired exactly as the bot wires it:
+Router(Dispatcher(engine, directory, registry)).serve(XmppTransport(cfg))."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import textwrap
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from bot.access import Directory, User
+from bot.chat import Identity, Message, Room, TransportError
+from bot.commands import Dispatcher, default_registry
+from bot.router import Router
+from bot.transports.xmpp import XmppConfig, XmppTransport, parse_config, split_text
+from engine.definitions import parse_definition
+from engine.engine import Engine
+from engine.participants import ParticipantRegistry
+from engine.sourcefile import loads_yaml
+from engine.store import Store
+from engine.timers import ManualClock
+from participants import discover
+from tests.servers import free_port
+from tests.servers.xmpp import Human, Prosody, Received
+
+NET = "test"
+NICK = "releasebot"
+WAITS = """
+name: waits
+steps:
+  - participant: hold
+"""
+
+pytestmark = pytest.mark.servers
+
+
+class Bot:
+    """One running XmppTransport and everything it dispatched."""
+
+    def __init__(self, transport: XmppTransport, engine: Engine) -> None:
+        self.transport = transport
+        self.engine = engine
+        self.dispatched: list[Message] = []
+
+
+@pytest.fixture
+async def engine(tmp_path: Path) -> AsyncIterator[Engine]:
+    registry = ParticipantRegistry(discover())
+    spec, problems = parse_definition(loads_yaml(WAITS, "waits.yaml"), "waits.yaml", "waits", registry.names())
+    assert spec is not None, problems
+    store = Store(tmp_path / "bot.sqlite3")
+    store.open()
+    eng = Engine(store, {"waits": spec}, registry, clock=ManualClock(), use_scheduler=False)
+    await eng.start()
+    yield eng
+    await eng.stop()
+    store.close()
+
+
+@pytest.fixture
+async def start_bot(prosody: Prosody, engine: Engine) -> AsyncIterator[Callable[..., Awaitable[Bot]]]:
+    """Factory: the real bot on XMPP (alice is a known admin; bob and mallory are not users)."""
+    bots: list[Bot] = []
+
+    async def start(rooms: tuple[str, ...] = (), port: int | None = None, **overrides: Any) -> Bot:
+        settings: dict[str, Any] = dict(name=NET, jid=prosody.jid("bot"), password="botpw",
+                                        host="127.0.0.1", port=port or prosody.port, tls="plaintext",
+                                        rooms=rooms, nick=NICK, reconnect_min=0.2, reconnect_max=2.0)
+        settings.update(overrides)
+        transport = XmppTransport(XmppConfig(**settings))
+        directory = Directory([User("alice", xmpp_jids=(prosody.jid("alice"),),
+                                    roles={"*": frozenset({"admins"})})])
+        router = Router(Dispatcher(engine=engine, directory=directory, registry=default_registry()))
+        bot = Bot(transport, engine)
+        real_answer = router.answer
+
+        async def answer(t: Any, message: Message) -> None:   # record, then answer as usual
+            bot.dispatched.append(message)
+            await real_answer(t, message)
+        router.answer = answer  # type: ignore[method-assign,assignment]
+        bots.append(bot)
+        await router.serve(transport)
+        return bot
+
+    yield start
+    for bot in bots:
+        await bot.transport.close()
+
+
+def from_room(room: str, nick: str = NICK) -> Callable[[Received], bool]:
+    return lambda m: m.type == "groupchat" and m.sender == f"{room}/{nick}" and not m.delayed
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+# --- direct messages ------------------------------------------------------------
+
+async def test_direct_messages_are_commands_and_whoami_shows_the_verified_bare_jid(
+        prosody: Prosody, start_bot, xmpp_human) -> None:  # type: ignore[no-untyped-def]
+    await start_bot()
+    alice: Human = await xmpp_human("alice")
+    bot = prosody.jid("bot")
+    assert (await alice.ask(bot, "help")).startswith("commands: ")
+    assert await alice.ask(bot, "whoami") == (
+        "alice@localhost/test on test is alice, verified by server-verified JID; roles: *: admins")
+    assert await alice.ask(bot, "!ps") == "no running, waiting or failed instances"   # prefix tolerated
+    assert (await alice.ask(bot, "frobnicate")).startswith("unknown command 'frobnicate'")
+
+
+async def test_unknown_jid_is_not_authorised_and_it_is_logged(
+        prosody: Prosody, start_bot, xmpp_human, caplog) -> None:  # type: ignore[no-untyped-def]
+    await start_bot()
+    mallory: Human = await xmpp_human("mallory")
+    caplog.set_level(logging.INFO)
+    reply = await mallory.ask(prosody.jid("bot"), "ps")
+    assert reply.startswith("not authorised: ps needs a verified, known user (mallory@localhost/test on test: "
+                            "account 'mallory@localhost' (server-verified JID) is not a known user)")
+    refusals = [r for r in caplog.records if r.name == "bot.commands" and r.levelno == logging.WARNING]
+    assert any("refused 'ps' from mallory@localhost/test@test" in r.getMessage() for r in refusals)
+    assert "botpw" not in caplog.text
+
+
+async def test_commands_sent_while_the_bot_was_offline_are_not_run_late(
+        prosody: Prosody, start_bot, xmpp_human) -> None:  # type: ignore[no-untyped-def]
+    alice: Human = await xmpp_human("alice")
+    alice.dm(prosody.jid("bot"), "launch waits")     # the server stores it (mod_offline)
+    await asyncio.sleep(0.1)
+    bot = await start_bot()
+    reply = await alice.expect(lambda m: m.type == "chat")
+    assert reply.body == "I was offline when you sent 'launch waits'; not run: send it again if you still want it"
+    assert bot.dispatched == [] and await bot.engine.instances(include_finished=True) == []
+
+
+# --- rooms ------------------------------------------------------------------------
+
+async def test_room_commands_by_prefix_and_by_nick_answered_in_the_room(
+        prosody: Prosody, start_bot, xmpp_human) -> None:  # type: ignore[no-untyped-def]
+    ops = prosody.room("ops")
+    bot = await start_bot(rooms=(ops,))      # the bot creates the room: it owns it, sees real JIDs
+    alice: Human = await xmpp_human("alice")
+    await alice.join(ops)
+
+    alice.say(ops, "!whoami")
+    assert (await alice.expect(from_room(ops))).body == (
+        "ops@conference.localhost/alice on test is alice, verified by server-verified JID; roles: *: admins")
+    alice.say(ops, "releasebot: ps")                 # privileged, and the room shows real JIDs
+    assert (await alice.expect(from_room(ops))).body == "no running, waiting or failed instances"
+    alice.say(ops, "ReleaseBot, help whoami")
+    assert (await alice.expect(from_room(ops))).body.startswith("whoami - who the bot thinks you are")
+
+    alice.dm(f"{ops}/{NICK}", "whoami")              # a private message through the room
+    private = await alice.expect(lambda m: m.type == "chat" and m.sender == f"{ops}/{NICK}")
+    assert private.body.startswith("ops@conference.localhost/alice on test is alice, verified by server")
+
+    alice.say(ops, "good morning, nothing for the bot here")
+    alice.say(ops, "releasebot is great")
+    await asyncio.sleep(0.3)
+    assert not [m for m in alice.received if m.sender == f"{ops}/{NICK}"]
+    assert [(m.text, m.room) for m in bot.dispatched] == [
+        ("whoami", Room("xmpp", NET, ops)), ("ps", Room("xmpp", NET, ops)),
+        ("help whoami", Room("xmpp", NET, ops)), ("whoami", None)]
+
+
+async def test_long_room_output_goes_to_the_caller_privately(
+        prosody: Prosody, start_bot, xmpp_human, engine: Engine) -> None:  # type: ignore[no-untyped-def]
+    ops = prosody.room("ops")
+    await start_bot(rooms=(ops,))
+    for _ in range(5):                               # 5 lines > Router.max_room_lines (4)
+        await engine.launch("waits", {})
+    alice: Human = await xmpp_human("alice")
+    await alice.join(ops)
+    alice.say(ops, "!ps")
+    notice = await alice.expect(from_room(ops))
+    assert notice.body == "ops@conference.localhost/alice: 5 lines, sent to you privately"
+    private = [await alice.expect(lambda m: m.type == "chat" and m.sender == f"{ops}/{NICK}") for _ in range(5)]
+    assert sorted(p.body.split(" ")[0] for p in private) == ["#1", "#2", "#3", "#4", "#5"]
+    assert not [m for m in await alice.quiet(0.2) if m.sender.startswith(ops)]
+
+
+async def test_semi_anonymous_room_of_someone_else_refuses_privileged_commands(
+        prosody: Prosody, start_bot, xmpp_human) -> None:  # type: ignore[no-untyped-def]
+    hidden = prosody.room("hidden")
+    alice: Human = await xmpp_human("alice")
+    await alice.join(hidden)                         # alice creates it: she owns it, the bot will not
+    alice.say(hidden, "!whoami")                     # before the bot is there: history, never answered
+    bot = await start_bot(rooms=(hidden,))
+
+    alice.say(hidden, "!ps")
+    assert (await alice.expect(from_room(hidden))).body == (
+        "not authorised: hidden@conference.localhost does not show me real JIDs, so I cannot tell "
+        "who you are; send me a direct message instead")
+    alice.say(hidden, "!whoami")
+    assert (await alice.expect(from_room(hidden))).body == (
+        "hidden@conference.localhost/alice on test: not identified (not verified)")
+    assert [(m.text, m.sender.account, m.room.exposes_identities if m.room else None)
+            for m in bot.dispatched] == [("ps", None, False), ("whoami", None, False)]
+    # the same person in a direct message is recognised
+    assert (await alice.ask(prosody.jid("bot"), "whoami")).startswith("alice@localhost/test on test is alice")
+
+
+async def test_the_bot_never_answers_its_own_reflected_room_messages(
+        prosody: Prosody, start_bot, xmpp_human) -> None:  # type: ignore[no-untyped-def]
+    ops = prosody.room("ops")
+    bot = await start_bot(rooms=(ops,))
+    alice: Human = await xmpp_human("alice")
+    await alice.join(ops)
+    room = Room("xmpp", NET, ops)
+    await bot.transport.send(room, "!help")                   # looks like a command ...
+    await bot.transport.send(room, "releasebot: whoami")      # ... and addresses the bot
+    got = await alice.quiet(0.5)
+    assert [(m.sender, m.body) for m in got] == [(f"{ops}/{NICK}", "!help"),
+                                                 (f"{ops}/{NICK}", "releasebot: whoami")]
+    assert bot.dispatched == []
+
+
+# --- outbound: splitting and pacing ------------------------------------------------
+
+def test_split_text_keeps_every_character() -> None:
+    words = " ".join(f"word{i}" for i in range(400))          # ~3,500 characters
+    chunks = split_text(f"first\n\n{words}\nlast", 1000)
+    assert chunks[0] == "first" and chunks[-1] == "last"
+    assert all(len(c) <= 1000 for c in chunks)
+    assert " ".join(chunks[1:-1]) == words
+    assert split_text("x" * 250, 100) == ["x" * 100, "x" * 100, "x" * 50]
+    assert split_text("a  b", 2) == ["a ", "b"]                # only the break's own space goes
+
+
+async def test_long_text_is_split_on_line_boundaries_and_paced(
+        prosody: Prosody, start_bot, xmpp_human) -> None:  # type: ignore[no-untyped-def]
+    bot = await start_bot(rate=20.0, burst=2, max_line_chars=200)
+    alice: Human = await xmpp_human("alice")
+    to_alice = Identity("xmpp", NET, prosody.jid("alice"))
+    long_line = " ".join(f"w{i}" for i in range(150))         # 639 characters -> 4 chunks
+    text = "\n".join(f"line {i}" for i in range(6)) + "\n" + long_line
+    t0 = time.monotonic()
+    await bot.transport.send(to_alice, text)
+    got = [await alice.expect(lambda m: m.type == "chat") for _ in range(6 + 4)]
+    elapsed = time.monotonic() - t0
+    bodies = [m.body for m in got]
+    assert bodies[:6] == [f"line {i}" for i in range(6)]
+    assert " ".join(bodies[6:]) == long_line and all(len(b) <= 200 for b in bodies)
+    assert elapsed >= (10 - 2) / 20 * 0.9                       # burst 2, then 20 lines/s
+    assert await alice.quiet(0.2) == []
+
+
+# --- reconnection ---------------------------------------------------------------
+
+async def test_prosody_killed_and_restarted_bot_reconnects_rejoins_and_delivers_queued_lines_once(
+        prosody: Prosody, start_bot, xmpp_human) -> None:  # type: ignore[no-untyped-def]
+    ops = prosody.room("ops")
+    bot = await start_bot(rooms=(ops,))
+    alice: Human = await xmpp_human("alice")
+    await alice.join(ops)
+    assert await alice.ask(prosody.jid("bot"), "help")
+    await wait_until(lambda: bot.transport.undelivered == 0)     # nothing in flight at the crash
+
+    prosody.kill()
+    await wait_until(lambda: not bot.transport.online.is_set())
+    to_alice, room = Identity("xmpp", NET, prosody.jid("alice")), Room("xmpp", NET, ops)
+    for i in range(5):
+        await bot.transport.send(to_alice, f"queued {i}")
+        await bot.transport.send(room, f"room queued {i}")
+    assert bot.transport.undelivered == 10
+    prosody.start()
+
+    alice = Human(prosody, "alice")
+    await alice.connect()
+    try:
+        # Room lines reach alice live or, if the bot got there first, as the new room's history.
+        await alice.join(ops, history=50)
+        await wait_until(lambda: bot.transport.online.is_set() and bot.transport.undelivered == 0)
+        await asyncio.sleep(0.3)
+        direct = [m.body for m in alice.received if m.type == "chat"]
+        in_room = [m.body for m in alice.received if m.type == "groupchat" and m.sender == f"{ops}/{NICK}"]
+        assert direct == [f"queued {i}" for i in range(5)]          # once each, in order
+        assert in_room == [f"room queued {i}" for i in range(5)]
+        assert bot.transport.connections == 2                     # a new session: re-authenticated
+        alice.received.clear()
+        alice.say(ops, "!whoami")                                # the bot is back in the room
+        assert (await alice.expect(from_room(ops))).body.startswith("ops@conference.localhost/alice on test")
+    finally:
+        await alice.close()
+
+
+class CuttableProxy:
+    """A TCP proxy to prosody whose connections can be cut (a network loss)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.up = True
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", self.port)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.up:
+            writer.transport.abort()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.transport.abort()
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def cut(self) -> None:
+        self.up = False
+        for w in self._writers:
+            w.transport.abort()
+        self._writers.clear()
+
+    async def close(self) -> None:
+        self.cut()
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def test_network_loss_resumes_the_stream_and_delivers_queued_lines_once(
+        prosody: Prosody, start_bot, xmpp_human, caplog) -> None:  # type: ignore[no-untyped-def]
+    proxy = CuttableProxy(prosody.port)
+    await proxy.start()
+    try:
+        ops = prosody.room("ops")
+        bot = await start_bot(rooms=(ops,), port=proxy.port)
+        alice: Human = await xmpp_human("alice")
+        await alice.join(ops)
+        assert await alice.ask(prosody.jid("bot"), "help")
+        await wait_until(lambda: bot.transport.undelivered == 0)
+        caplog.set_level(logging.INFO, logger="bot.transports.xmpp")
+
+        proxy.cut()
+        await wait_until(lambda: not bot.transport.online.is_set())
+        to_alice, room = Identity("xmpp", NET, prosody.jid("alice")), Room("xmpp", NET, ops)
+        for i in range(3):
+            await bot.transport.send(to_alice, f"queued {i}")
+            await bot.transport.send(room, f"room queued {i}")
+        await asyncio.sleep(0.3)                  # a reconnect attempt or two fail meanwhile
+        proxy.up = True
+
+        await wait_until(lambda: bot.transport.online.is_set() and bot.transport.undelivered == 0)
+        await asyncio.sleep(0.3)
+        assert [m.body for m in alice.received if m.type == "chat"] == [f"queued {i}" for i in range(3)]
+        assert [m.body for m in alice.received if m.sender == f"{ops}/{NICK}"] == [
+            f"room queued {i}" for i in range(3)]
+        assert "stream resumed" in caplog.text and bot.transport.connections == 1
+        alice.received.clear()
+        alice.say(ops, "!whoami")                 # still in the room, still seeing real JIDs
+        assert (await alice.expect(from_room(ops))).body.startswith(
+            "ops@conference.localhost/alice on test is alice")
+    finally:
+        await proxy.close()
+
+
+# --- start-up failures and configuration ---------------------------------------------
+
+async def test_tls_is_required_by_default_and_a_bad_password_fails_start(prosody: Prosody, engine) -> None:  # type: ignore[no-untyped-def]
+    async def nothing(message: Message) -> None:
+        raise AssertionError("no message expected")
+
+    base = dict(name=NET, jid=prosody.jid("bot"), host="127.0.0.1", port=prosody.port)
+    default_tls = XmppTransport(XmppConfig(password="botpw", **base))       # type: ignore[arg-type]
+    with pytest.raises(TransportError, match="offered no TLS .* refusing to send the password unencrypted"):
+        await default_tls.start(nothing)
+    wrong = XmppTransport(XmppConfig(password="nope", tls="plaintext", **base))   # type: ignore[arg-type]
+    with pytest.raises(TransportError, match="authentication as bot@localhost failed") as info:
+        await wrong.start(nothing)
+    assert "nope" not in str(info.value)
+
+
+CONFIG = textwrap.dedent("""\
+    networks:
+      - name: jabber
+        jid: releasebot@example.org
+        password_env: TEST_XMPP_PASSWORD
+        rooms: [release@conference.example.org]
+        tls: starttls
+        rate: 2
+        reconnect_max: 5m
+      - name: broken
+        jid: not a jid@@
+        password: hunter2
+        password_env: TEST_XMPP_MISSING
+        port: "5222"
+        tls: sometimes
+        rooms: [release@conference.example.org/nick]
+        colour: blue
+""")
+
+
+def test_parse_config_reports_every_problem_with_file_and_line(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("TEST_XMPP_PASSWORD", "s3cret-value")
+    monkeypatch.delenv("TEST_XMPP_MISSING", raising=False)
+    good, broken = loads_yaml(CONFIG, "conf/bot.yaml")["networks"]
+
+    cfg, problems = parse_config(good, "conf/bot.yaml")
+    assert problems == [] and cfg is not None
+    assert (cfg.name, cfg.jid, cfg.password, cfg.rooms, cfg.tls, cfg.rate, cfg.reconnect_max) == (
+        "jabber", "releasebot@example.org", "s3cret-value", ("release@conference.example.org",),
+        "starttls", 2.0, 300.0)
+    assert "s3cret" not in repr(cfg)
+
+    cfg, problems = parse_config(broken, "conf/bot.yaml")
+    assert cfg is None
+    found = sorted(str(p) for p in problems)
+    assert found == sorted([
+        "conf/bot.yaml:10: xmpp network 'broken': jid: not a valid JID (second @ found before parsing the resource)",
+        "conf/bot.yaml:11: xmpp network 'broken': the password is a secret: put it in an environment variable "
+        "and name that variable with password_env",
+        "conf/bot.yaml:12: xmpp network 'broken': environment variable TEST_XMPP_MISSING (password_env) is not set or empty",
+        "conf/bot.yaml:13: xmpp network 'broken': port: expected int, got '5222'",
+        "conf/bot.yaml:14: xmpp network 'broken': tls: expected one of starttls, direct, plaintext",
+        "conf/bot.yaml:15: xmpp network 'broken': room 'release@conference.example.org/nick': expected a bare JID "
+        "like name@example.org",
+        "conf/bot.yaml:16: xmpp network 'broken': unknown key 'colour' (expected name, jid, password_env, host, port, "
+        "tls, ca_file, rooms, nick, command_prefix, rate, burst, reconnect_min, reconnect_max, keepalive, "
+        "max_line_chars)",
+    ]), found
+    assert not any("hunter2" in p for p in found)
+
+    missing, problems = parse_config(loads_yaml("name: x\n", "b.yaml"), "b.yaml")
+    assert missing is None
+    assert sorted(str(p) for p in problems) == [
+        "b.yaml:1: xmpp network 'x': missing required key 'jid'",
+        "b.yaml:1: xmpp network 'x': missing required key 'password_env'"]
+
+
+def test_reconnect_backoff_doubles_with_jitter_up_to_the_cap() -> None:
+    cfg = XmppConfig(name=NET, jid="bot@example.org", password="pw", reconnect_min=1.0, reconnect_max=8.0)
+    least, most = XmppTransport(cfg, rng=lambda: 0.0), XmppTransport(cfg, rng=lambda: 1.0)
+    assert [least._backoff(n) for n in range(6)] == [0.5, 1, 2, 4, 4, 4]
+    assert [most._backoff(n) for n in range(6)] == [1, 2, 4, 8, 8, 8]
