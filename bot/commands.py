@@ -120,9 +120,14 @@ class Dispatcher:
         if spec is None:
             return Response([f"unknown command {sanitise(name, 40)!r}; try: help"], ok=False)
         caller = self.directory.resolve(message.sender)
-        if self.cooldown and message.sender.protocol != "console" and not self.cooldown.allow(f"{message.sender.protocol}:{message.sender.network}:"
-                                                     f"{caller.user.name if caller.user else message.sender.handle}"):
-            return Response(["slow down, please: too many commands; try again in a few seconds"], ok=False)
+        if self.cooldown and message.sender.protocol != "console":
+            who = caller.user.name if caller.user else message.sender.handle
+            verdict = self.cooldown.admit(f"{message.sender.protocol}:{message.sender.network}:{who}")
+            if verdict == "refuse":
+                log.info("rate limit: %s (%s) is sending too many commands", message.sender, who)
+                return Response(["slow down, please: too many commands; try again in a few seconds"], ok=False)
+            if verdict == "quiet":
+                return Response([], ok=False)
         if spec.privileged and caller.user is None:
             log.warning("refused %r from %s (%s): not a verified known user",
                         sanitise(words), message.sender, caller.how)

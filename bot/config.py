@@ -8,6 +8,7 @@ the bot's home, so ``conf/`` and ``var/`` sit side by side.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,6 +254,8 @@ def load_config(conf_dir: Path, participants: frozenset[str] | None) -> BotConfi
             continue
         cfg, found = adapter.parse_config(body, display)
         problems += found
+        if cfg is not None and "command_prefix" not in body and prefix:
+            cfg = dataclasses.replace(cfg, command_prefix=prefix)    # commands.prefix is every network's default
         if cfg is not None:
             if cfg.name in names:
                 c.problem(item.line, f"network name {cfg.name!r} used twice")

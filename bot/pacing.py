@@ -38,18 +38,33 @@ class TokenBucket:
 
 @dataclass
 class Cooldown:
-    """At most ``limit`` commands per ``window`` seconds per key (a user)."""
+    """At most ``limit`` commands per ``window`` seconds per key (a user).
+
+    A user over the limit is told so once per window; the commands they keep
+    sending meanwhile are dropped without an answer, so a flood of commands
+    cannot turn into a flood of refusals (which the bot would then have to
+    pace out to the whole channel)."""
 
     limit: int
     window: float
     clock: Clock = time.monotonic
     _hits: dict[str, list[float]] = field(default_factory=dict)
+    _refused: dict[str, float] = field(default_factory=dict)
 
-    def allow(self, key: str) -> bool:
+    def admit(self, key: str) -> str:
+        """``"ok"`` (counted), ``"refuse"`` (say so) or ``"quiet"`` (already told)."""
         now = self.clock()
         hits = [t for t in self._hits.get(key, ()) if now - t < self.window]
-        allowed = len(hits) < self.limit
-        if allowed:
-            hits.append(now)
         self._hits[key] = hits
-        return allowed
+        if len(hits) < self.limit:
+            hits.append(now)
+            self._refused.pop(key, None)
+            return "ok"
+        told = self._refused.get(key)
+        if told is not None and now - told < self.window:
+            return "quiet"
+        self._refused[key] = now
+        return "refuse"
+
+    def allow(self, key: str) -> bool:
+        return self.admit(key) == "ok"

@@ -126,16 +126,21 @@ async def test_a_room_hiding_real_jids_gets_an_explanation(setup) -> None:  # ty
 
 
 async def test_commands_are_rate_limited_per_user(setup) -> None:  # type: ignore[no-untyped-def]
-    dispatcher, _, clock = setup
+    dispatcher, engine, clock = setup
     alice = irc("alice", "alice")
     for _ in range(5):
         assert await say(dispatcher, alice, "help") != []
     assert await say(dispatcher, alice, "help") == [
         "slow down, please: too many commands; try again in a few seconds"]
-    assert (await say(dispatcher, irc("al2", "alice"), "help"))[0].startswith("slow down")  # same user, other nick
+    assert await say(dispatcher, irc("al2", "alice"), "help") == []    # same user, other nick: told once already
+    assert await say(dispatcher, alice, "launch hello") == []          # dropped, not run
+    assert await engine.instances(include_finished=True) == []
     assert (await say(dispatcher, irc("eve", None), "help"))[0].startswith("commands:")     # someone else
     clock.t += 10
     assert (await say(dispatcher, alice, "help"))[0].startswith("commands:")
+    for _ in range(4):
+        await say(dispatcher, alice, "help")
+    assert (await say(dispatcher, alice, "help"))[0].startswith("slow down")   # a new window: told again
 
 
 def test_user_roles_inherit_and_admins_may_do_everything() -> None:

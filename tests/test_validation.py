@@ -557,18 +557,39 @@ def test_network_with_bad_protocol(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("protocol", ["irc", "xmpp"])
-def test_network_with_known_protocol_does_not_crash(tmp_path: Path, protocol: str) -> None:
-    home = make_home(tmp_path, {"bot.yaml": f"""
+def test_a_network_entry_is_checked_by_its_adapter_with_file_and_line(tmp_path: Path, protocol: str) -> None:
+    found = problems(tmp_path, {"bot.yaml": f"""
         console: {{user: admin}}
         networks:
           - protocol: {protocol}
             name: net
             colour: red
         """})
-    try:
-        load_config(home / "conf", PARTICIPANTS)
-    except ConfigError as exc:
-        assert all(p.file == "conf/bot.yaml" and p.line >= 3 for p in exc.problems)
+    assert any(p.startswith(f"conf/bot.yaml:5: {protocol} network 'net': unknown key 'colour'") for p in found), found
+    assert all(p.startswith("conf/bot.yaml:") for p in found), found
+
+
+@pytest.mark.parametrize("protocol, extra", [
+    ("irc", "host: 127.0.0.1\n            nick: rb\n            tls: false"),
+    ("xmpp", "jid: rb@localhost\n            password_env: RB_TEST_XMPP_PW"),
+])
+def test_commands_prefix_is_every_networks_default_prefix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          protocol: str, extra: str) -> None:
+    monkeypatch.setenv("RB_TEST_XMPP_PW", "pw")
+    home = make_home(tmp_path, {"bot.yaml": f"""
+        console: {{user: admin}}
+        commands: {{prefix: "."}}
+        networks:
+          - protocol: {protocol}
+            name: a
+            {extra}
+          - protocol: {protocol}
+            name: b
+            command_prefix: "?"
+            {extra}
+        """})
+    config = load_config(home / "conf", PARTICIPANTS)
+    assert [n.command_prefix for n in config.networks] == [".", "?"]
 
 
 # -- users.yaml --------------------------------------------------------------------
