@@ -18,6 +18,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 log = logging.getLogger("run_bot")
+WIRE_LOGGERS = ("slixmpp", "irc")
 
 
 def load(conf: Path):  # type: ignore[no-untyped-def]
@@ -45,6 +46,7 @@ def check(conf: Path) -> int:
 
 async def serve(conf: Path, console: bool) -> int:
     from bot.app import App
+    from bot.chat import TransportError
     from engine.sourcefile import ConfigError
 
     try:
@@ -55,6 +57,10 @@ async def serve(conf: Path, console: bool) -> int:
         print("refusing to start: fix the configuration (python run_bot.py check)", file=sys.stderr)
         return 1
     logging.getLogger().setLevel(config.log_level)
+    # The protocol libraries dump raw traffic at DEBUG, and slixmpp's includes the
+    # SASL exchange (the password, base64-encoded): secrets never reach the log.
+    for wire in WIRE_LOGGERS:
+        logging.getLogger(wire).setLevel(logging.INFO)
     app = App(config, registry)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -66,7 +72,11 @@ async def serve(conf: Path, console: bool) -> int:
 
         terminal = ConsoleTransport(config.console_user)
         extra.append(terminal)
-    await app.start(extra)
+    try:
+        await app.start(extra)
+    except TransportError as exc:
+        print(f"refusing to start: {exc}", file=sys.stderr)
+        return 1
     if console:
         print(f"release bot ready ({config.summary()}); you are {config.console_user}; "
               "type 'help', Ctrl-D to quit", flush=True)

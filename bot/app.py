@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bot.access import Directory
+from bot.chat import TransportError
 from bot.commands import Dispatcher, default_registry
 from bot.config import BotConfig
 from bot.pacing import Cooldown
@@ -59,7 +60,13 @@ class App:
             self.transports.append(transport_for(cfg))
         self.transports.extend(extra_transports)
         for transport in self.transports:
-            await self.router.serve(transport)
+            try:
+                await self.router.serve(transport)
+            except TransportError:
+                # Refused credentials or an unmeetable TLS policy: retrying cannot help, and
+                # a bot silently missing from a network is worse than one that will not start.
+                await self.stop()
+                raise
 
     async def stop(self) -> None:
         for transport in self.transports:

@@ -40,7 +40,12 @@ class Identity:
     hostmask: str | None = None   # IRC nick!user@host, for the explicit hostmask fallback
 
     def __str__(self) -> str:
-        return f"{self.handle}@{self.network}"
+        return f"{self.protocol}:{self.network}:{self.handle}"
+
+    @property
+    def nick(self) -> str:
+        """How to address them in a room: the IRC nick, the MUC occupant nick."""
+        return self.handle.rsplit("/", 1)[-1]
 
 
 @dataclass(frozen=True)

@@ -29,13 +29,17 @@ class Router:
             response_lines = ["internal error; the bot's log has details"]
         else:
             response_lines = response.lines
+        if not response_lines:      # nothing to say (a rate-limited user already told once)
+            return
         if message.room is None:
             target: object = message.sender
         elif len(response_lines) > self.max_room_lines:
-            await transport.send(message.room, f"{message.sender.handle}: {len(response_lines)} lines, "
+            await transport.send(message.room, f"{message.sender.nick}: {len(response_lines)} lines, "
                                                "sent to you privately")
             target = message.sender
         else:
+            # In a room every answer is addressed, so people asking at once can tell theirs apart.
             target = message.room
+            response_lines = [f"{message.sender.nick}: {line}" for line in response_lines]
         for line in response_lines:
             await transport.send(target, line)  # type: ignore[arg-type]

@@ -64,7 +64,7 @@ async def test_an_impostor_with_the_admins_nick_is_refused_and_logged(setup, cap
     [line] = await say(dispatcher, irc("admin", None), "launch hello")
     assert line.startswith("not authorised: launch needs a verified, known user")
     assert await engine.instances(include_finished=True) == []
-    assert any("refused 'launch hello' from admin@libera" in r.getMessage() for r in caplog.records)
+    assert any("refused 'launch hello' from irc:libera:admin" in r.getMessage() for r in caplog.records)
 
 
 async def test_an_account_claimed_without_services_verification_counts_for_nothing(setup) -> None:  # type: ignore[no-untyped-def]
