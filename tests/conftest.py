@@ -4,7 +4,7 @@ import signal
 import sys
 
 # Server fixtures live in their own modules, one per protocol.
-pytest_plugins = ["tests.servers.irc", "tests.servers.xmpp"]
+pytest_plugins = ["tests.servers.tls", "tests.servers.irc", "tests.servers.xmpp"]
 
 
 def _exit_on_term(signum, frame):  # killed by a timeout: let fixtures stop their servers

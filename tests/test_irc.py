@@ -31,7 +31,9 @@ from engine.store import Store
 from engine.timers import ManualClock
 from participants import discover
 from tests.engine_fixtures import spec_from_yaml
+from tests.servers import free_port, require_binary
 from tests.servers.irc import Human, InspircdAnope, Ngircd
+from tests.servers.tls import ThrowawayCA
 
 ROOT = Path(__file__).resolve().parent.parent
 NET = "testnet"
@@ -182,12 +184,13 @@ async def test_commands_by_prefix_by_nick_and_in_private_are_answered_where_they
     await human.join("#ops")
 
     reply = await human.ask("#ops", "!help", BOT)
-    assert reply.params[0] == "#ops" and reply.text.startswith("commands: ")
+    assert reply.params[0] == "#ops" and reply.text.startswith("carol: commands: ")   # room answers are addressed
     reply = await human.ask("#ops", "releasebot: whoami", BOT)
     assert reply.params[0] == "#ops"
-    assert reply.text == f"carol on {NET}: not identified (not verified)"
+    assert reply.text == f"carol: carol on {NET}: not identified (not verified)"
     reply = await human.ask("#ops", "ReleaseBot, help whoami", BOT)     # nicks are case-insensitive
-    assert (reply.params[0], reply.text) == ("#ops", "whoami - who the bot thinks you are, and how that was verified")
+    assert (reply.params[0], reply.text) == (
+        "#ops", "carol: whoami - who the bot thinks you are, and how that was verified")
     reply = await human.ask(BOT, "whoami", BOT)                          # private: every line is a command
     assert reply.params[0] == "carol" and reply.text.startswith("carol on testnet")
     reply = await human.ask(BOT, "!help whoami", BOT)                    # the prefix is allowed there too
@@ -210,7 +213,7 @@ async def test_output_longer_than_a_room_allows_goes_to_the_caller_privately(
         await engine.launch("waiting", {}, actor="test")
 
     reply = await human.ask("#ops", "!whoami", BOT)
-    assert reply.text.startswith("dave on testnet is dave, verified by hostmask (weaker)")
+    assert reply.text.startswith("dave: dave on testnet is dave, verified by hostmask (weaker)")
     human.say("#ops", "!ps")
     lines = await human.messages_from(BOT, 7)
     assert (lines[0].params[0], lines[0].text) == ("#ops", "dave: 6 lines, sent to you privately")
@@ -299,7 +302,7 @@ async def test_server_killed_and_restarted_bot_reconnects_rejoins_and_delivers_q
         assert [m.text for m in lines] == [f"while down {i}" for i in range(5)]
         assert await human.quiet(bot.nick, 0.5) == []        # nothing twice, nothing from before
         reply = await human.ask("#ops", "!whoami", bot.nick)
-        assert reply.text.startswith("grace on testnet")
+        assert reply.text.startswith("grace: grace on testnet")
     finally:
         await proxy.close()
 
@@ -374,7 +377,7 @@ async def test_a_wrong_sasl_password_is_logged_and_the_bot_still_serves(
     assert not any("wrong" in r.getMessage() for r in caplog.records)      # never the password
     human = await humans(insp.helper_port, "karl")
     await human.join("#ops")
-    assert (await human.ask("#ops", "!help", "releasebot2")).text.startswith("commands:")
+    assert (await human.ask("#ops", "!help", "releasebot2")).text.startswith("karl: commands:")
 
 
 async def test_whoami_shows_the_services_account_of_a_sasl_user(
@@ -383,7 +386,7 @@ async def test_whoami_shows_the_services_account_of_a_sasl_user(
     human = await humans(insp.helper_port, "bossman", sasl=BOSS)       # any nick: the account counts
     await human.join("#ops")
     reply = await human.ask("#ops", "!whoami", BOT)
-    assert reply.text == "bossman on testnet is boss, verified by services account; roles: *: admins"
+    assert reply.text == "bossman: bossman on testnet is boss, verified by services account; roles: *: admins"
 
 
 async def test_an_impostor_with_the_admins_nick_is_refused_and_the_refusal_logged(
@@ -392,20 +395,20 @@ async def test_an_impostor_with_the_admins_nick_is_refused_and_the_refusal_logge
     await bots(config(insp.port), users=[User("boss", irc_accounts=("boss",), roles=ADMINS)])
     boss = await humans(insp.helper_port, "boss", sasl=BOSS)
     await boss.join("#ops")
-    assert (await boss.ask("#ops", "!ps", BOT)).text == "no running, waiting or failed instances"
+    assert (await boss.ask("#ops", "!ps", BOT)).text == "boss: no running, waiting or failed instances"
     await boss.close()
     await asyncio.sleep(0.2)
 
     impostor = await humans(insp.helper_port, "boss")                     # same nick, not logged in
     await impostor.join("#ops")
     reply = await impostor.ask("#ops", "!ps", BOT)
-    assert reply.text.startswith("not authorised: ps needs a verified, known user "
+    assert reply.text.startswith("boss: not authorised: ps needs a verified, known user "
                                  "(boss on testnet: not identified (not verified))")
     reply = await impostor.ask(BOT, "cancel 1", BOT)
     assert reply.text.startswith("not authorised: cancel needs a verified, known user")
     refusals = [r.getMessage() for r in caplog.records if r.name == "bot.commands"]
-    assert any("refused 'ps' from boss@testnet" in m for m in refusals)
-    assert any("refused 'cancel 1' from boss@testnet" in m for m in refusals)
+    assert any("refused 'ps' from irc:testnet:boss" in m for m in refusals)
+    assert any("refused 'cancel 1' from irc:testnet:boss" in m for m in refusals)
 
 
 async def test_without_account_tag_accounts_come_from_extended_join_account_notify_and_whox(
@@ -415,23 +418,26 @@ async def test_without_account_tag_accounts_come_from_extended_join_account_noti
     caps = tuple(c for c in DEFAULT_CAPS if c != "account-tag")
     await bots(config(insp.port, channels=("#track",), request_caps=caps),
                users=[User("alice", irc_accounts=("alice",)), User("boss", irc_accounts=("boss",), roles=ADMINS)])
-    assert (await early.ask("#track", "!whoami", BOT)).text.startswith("early on testnet is alice, verified by services")
+    assert (await early.ask("#track", "!whoami", BOT)).text.startswith(
+        "early: early on testnet is alice, verified by services")
 
     late = await humans(insp.helper_port, "late", sasl=BOSS)       # joins after the bot: extended-join
     await late.join("#track")
-    assert (await late.ask("#track", "!whoami", BOT)).text.startswith("late on testnet is boss, verified by services")
+    assert (await late.ask("#track", "!whoami", BOT)).text.startswith(
+        "late: late on testnet is boss, verified by services")
 
     anon = await humans(insp.helper_port, "boss")                  # the admin's nick, not logged in
     await anon.join("#track")
-    assert (await anon.ask("#track", "!ps", BOT)).text.startswith("not authorised")
+    assert (await anon.ask("#track", "!ps", BOT)).text.startswith("boss: not authorised")
     anon.say("NickServ", f"IDENTIFY {BOSS[1]}")                    # logs in now: account-notify
     await anon.expect(lambda m: m.command == "900")
     await asyncio.sleep(0.2)
-    assert (await anon.ask("#track", "!whoami", BOT)).text.startswith("boss on testnet is boss, verified by services")
+    assert (await anon.ask("#track", "!whoami", BOT)).text.startswith(
+        "boss: boss on testnet is boss, verified by services")
     anon.say("NickServ", "LOGOUT")                                 # and out again
     await anon.expect(lambda m: m.command == "901")
     await asyncio.sleep(0.2)
-    assert (await anon.ask("#track", "!ps", BOT)).text.startswith("not authorised")
+    assert (await anon.ask("#track", "!ps", BOT)).text.startswith("boss: not authorised")
 
 
 async def test_the_bot_ignores_its_own_echoed_lines(
@@ -505,6 +511,96 @@ async def test_500_lines_on_inspircds_default_connect_class_arrive_complete_in_o
         assert not [m for m in human.lines if m.command == "QUIT" and m.nick == "floodbot"]
     finally:
         await bot.close(flush_timeout=1)
+
+
+# -- TLS (ngircd with a certificate from a throwaway CA; a real handshake each time) ------------------
+
+async def whois_secure(human: Human, nick: str) -> bool:
+    """Whether the server says ``nick`` is connected with TLS: in WHOIS, ngircd 26 sends
+    ``275 … :is connected via SSL (secure link)`` (other servers use 671)."""
+    human.send(f"WHOIS {nick}")
+    secure = False
+    while True:
+        line = await human.expect(lambda m: m.command in ("275", "671", "311", "401", "318"))
+        if line.command == "401":
+            raise AssertionError(f"{nick} is not on the server")
+        secure = secure or line.command in ("275", "671")
+        if line.command == "318":
+            return secure
+
+
+def tls_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "bot.transports.irc" and r.levelno == logging.WARNING and "TLS:" in r.getMessage()]
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_tls_with_ca_file_verifies_the_server_and_commands_are_answered(
+        ngircd_tls: Ngircd, tls_ca: ThrowawayCA, bots: BotFactory, humans: Any) -> None:
+    assert ngircd_tls.tls_port is not None
+    bot = await bots(fast(ngircd_tls.tls_port, tls=True, ca_file=str(tls_ca.ca_file)))
+    human = await humans(ngircd_tls.port, "tina")                # a plain client on the same server
+    await human.join("#ops")
+    reply = await human.ask("#ops", "!whoami", BOT)
+    assert reply.text == f"tina: tina on {NET}: not identified (not verified)"
+    assert (await human.ask(BOT, "help whoami", BOT)).text.startswith("whoami - ")
+    assert await whois_secure(human, BOT)                        # the server: the bot came in over TLS
+    assert not await whois_secure(human, "tina")
+    assert bot.connections == 1
+
+
+async def test_tls_without_ca_file_refuses_the_untrusted_server_logs_it_and_keeps_retrying(
+        ngircd_tls: Ngircd, bots: BotFactory, humans: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "bot.transports.irc")
+    assert ngircd_tls.tls_port is not None
+    bot = await bots(fast(ngircd_tls.tls_port, tls=True), ready=False)   # tls_verify defaults to true
+    await wait_for(lambda: len(tls_warnings(caplog)) >= 3)                # refused, retried, refused ...
+    assert tls_warnings(caplog)[0] == (
+        f"{NET}: TLS: refused the certificate of 127.0.0.1:{ngircd_tls.tls_port} (unable to get local "
+        "issuer certificate); checked against the system's CAs: set ca_file to the CA that signed it "
+        "(or tls_verify: false, for a test server only)")
+    assert any("reconnecting in" in r.getMessage() for r in caplog.records)
+    assert (bot.connected, bot.connections) == (False, 0)
+    assert bot._task is not None and not bot._task.done()                 # still trying, not crashed
+    human = await humans(ngircd_tls.port, "uma")
+    human.send(f"WHOIS {BOT}")
+    assert (await human.expect(lambda m: m.command in ("311", "401"))).command == "401"
+
+
+async def test_tls_verify_false_accepts_the_untrusted_server(
+        ngircd_tls: Ngircd, bots: BotFactory, humans: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "bot.transports.irc")
+    assert ngircd_tls.tls_port is not None
+    await bots(fast(ngircd_tls.tls_port, tls=True, tls_verify=False))
+    human = await humans(ngircd_tls.port, "vic")
+    await human.join("#ops")
+    assert (await human.ask("#ops", "!help", BOT)).text.startswith("vic: commands: ")
+    assert await whois_secure(human, BOT)
+    assert tls_warnings(caplog) == []
+
+
+async def test_tls_with_ca_file_still_checks_the_host_name(
+        tmp_path: Path, tls_ca: ThrowawayCA, bots: BotFactory, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "bot.transports.irc")
+    # signed by the trusted CA, but for another name: the CA alone must not be enough
+    cert = tls_ca.issue(tmp_path / "certs", dns=("irc.elsewhere.test",), ips=())
+    server = Ngircd(tmp_path / "ngircd", free_port(), binary=require_binary("ngircd"), tls=cert).start()
+    try:
+        assert server.tls_port is not None
+        bot = await bots(fast(server.tls_port, tls=True, ca_file=str(tls_ca.ca_file)), ready=False)
+        await wait_for(lambda: len(tls_warnings(caplog)) >= 1)
+        assert tls_warnings(caplog)[0] == (
+            f"{NET}: TLS: refused the certificate of 127.0.0.1:{server.tls_port} (IP address mismatch, "
+            f"certificate is not valid for '127.0.0.1'.); checked against ca_file {tls_ca.ca_file}")
+        assert not bot.connected
+    finally:
+        server.stop()
 
 
 # -- configuration --------------------------------------------------------------------------------
@@ -583,6 +679,35 @@ def test_parse_config_reads_the_password_from_the_environment(monkeypatch: pytes
     assert "s3cret" not in repr(cfg)
 
 
+def test_parse_config_ca_file_must_be_an_existing_file(tmp_path: Path) -> None:
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    text = """\
+        networks:
+          - protocol: irc
+            name: libera
+            host: irc.libera.chat
+            nick: releasebot
+            ca_file: {ca_file}
+        """
+    cfg, problems = parse_config(network_node(text.format(ca_file=bundle)), "bot.yaml")
+    assert problems == [] and cfg is not None
+    assert (cfg.ca_file, cfg.tls, cfg.tls_verify) == (str(bundle), True, True)
+    cfg, problems = parse_config(network_node(text.format(ca_file=tmp_path / "missing.pem")), "bot.yaml")
+    assert cfg is None
+    assert [str(p) for p in problems] == ["bot.yaml:6: irc network 'libera': ca_file: no such file"]
+    cfg, problems = parse_config(network_node(text.format(ca_file=tmp_path)), "bot.yaml")     # a directory
+    assert [str(p) for p in problems] == ["bot.yaml:6: irc network 'libera': ca_file: no such file"]
+    cfg, problems = parse_config(network_node(text.format(ca_file="[a, b]")), "bot.yaml")
+    assert [str(p) for p in problems] == ["bot.yaml:6: irc network 'libera': ca_file: expected str, got ['a', 'b']"]
+    cfg, problems = parse_config(network_node(text.format(ca_file=bundle) + "    ca_bundle: x\n"), "bot.yaml")
+    assert len(problems) == 1 and "unknown key 'ca_bundle'" in str(problems[0])
+    assert "tls, tls_verify, ca_file, nick" in str(problems[0])             # the error text names the key
+    cfg, problems = parse_config(network_node(text.format(ca_file=bundle) + "    tls: false\n"), "bot.yaml")
+    assert [str(p) for p in problems] == [
+        "bot.yaml:6: irc network 'libera': ca_file: needs tls: true (a CA is only used to check a TLS server)"]
+
+
 def test_the_bot_config_loader_reports_irc_problems_as_file_and_line(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RELEASEBOT_TEST_IRC_PW", raising=False)
@@ -611,7 +736,7 @@ async def test_a_taken_nick_makes_the_bot_use_another_and_answer_to_that(
     bot = await bots(fast(ngircd.port))
     assert bot.nick == BOT + "_"
     reply = await squatter.ask("#ops", f"{BOT}_: help whoami", bot.nick)
-    assert reply.text.startswith("whoami - ")
+    assert reply.text.startswith("releasebot: whoami - ")
     squatter.say("#ops", f"{BOT}: help")                    # addressed to the squatter, not the bot
     assert await squatter.quiet(bot.nick, 0.3) == []
 

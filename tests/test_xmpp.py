@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -25,6 +27,7 @@ from engine.store import Store
 from engine.timers import ManualClock
 from participants import discover
 from tests.servers import free_port
+from tests.servers.tls import ThrowawayCA
 from tests.servers.xmpp import Human, Prosody, Received
 
 NET = "test"
@@ -125,7 +128,7 @@ async def test_unknown_jid_is_not_authorised_and_it_is_logged(
     assert reply.startswith("not authorised: ps needs a verified, known user (mallory@localhost/test on test: "
                             "account 'mallory@localhost' (server-verified JID) is not a known user)")
     refusals = [r for r in caplog.records if r.name == "bot.commands" and r.levelno == logging.WARNING]
-    assert any("refused 'ps' from mallory@localhost/test@test" in r.getMessage() for r in refusals)
+    assert any("refused 'ps' from xmpp:test:mallory@localhost/test" in r.getMessage() for r in refusals)
     assert "botpw" not in caplog.text
 
 
@@ -150,12 +153,12 @@ async def test_room_commands_by_prefix_and_by_nick_answered_in_the_room(
     await alice.join(ops)
 
     alice.say(ops, "!whoami")
-    assert (await alice.expect(from_room(ops))).body == (
-        "ops@conference.localhost/alice on test is alice, verified by server-verified JID; roles: *: admins")
+    assert (await alice.expect(from_room(ops))).body == (       # room answers are addressed
+        "alice: ops@conference.localhost/alice on test is alice, verified by server-verified JID; roles: *: admins")
     alice.say(ops, "releasebot: ps")                 # privileged, and the room shows real JIDs
-    assert (await alice.expect(from_room(ops))).body == "no running, waiting or failed instances"
+    assert (await alice.expect(from_room(ops))).body == "alice: no running, waiting or failed instances"
     alice.say(ops, "ReleaseBot, help whoami")
-    assert (await alice.expect(from_room(ops))).body.startswith("whoami - who the bot thinks you are")
+    assert (await alice.expect(from_room(ops))).body.startswith("alice: whoami - who the bot thinks you are")
 
     alice.dm(f"{ops}/{NICK}", "whoami")              # a private message through the room
     private = await alice.expect(lambda m: m.type == "chat" and m.sender == f"{ops}/{NICK}")
@@ -180,7 +183,7 @@ async def test_long_room_output_goes_to_the_caller_privately(
     await alice.join(ops)
     alice.say(ops, "!ps")
     notice = await alice.expect(from_room(ops))
-    assert notice.body == "ops@conference.localhost/alice: 5 lines, sent to you privately"
+    assert notice.body == "alice: 5 lines, sent to you privately"
     private = [await alice.expect(lambda m: m.type == "chat" and m.sender == f"{ops}/{NICK}") for _ in range(5)]
     assert sorted(p.body.split(" ")[0] for p in private) == ["#1", "#2", "#3", "#4", "#5"]
     assert not [m for m in await alice.quiet(0.2) if m.sender.startswith(ops)]
@@ -196,11 +199,11 @@ async def test_semi_anonymous_room_of_someone_else_refuses_privileged_commands(
 
     alice.say(hidden, "!ps")
     assert (await alice.expect(from_room(hidden))).body == (
-        "not authorised: hidden@conference.localhost does not show me real JIDs, so I cannot tell "
+        "alice: not authorised: hidden@conference.localhost does not show me real JIDs, so I cannot tell "
         "who you are; send me a direct message instead")
     alice.say(hidden, "!whoami")
     assert (await alice.expect(from_room(hidden))).body == (
-        "hidden@conference.localhost/alice on test: not identified (not verified)")
+        "alice: hidden@conference.localhost/alice on test: not identified (not verified)")
     assert [(m.text, m.sender.account, m.room.exposes_identities if m.room else None)
             for m in bot.dispatched] == [("ps", None, False), ("whoami", None, False)]
     # the same person in a direct message is recognised
@@ -286,7 +289,7 @@ async def test_prosody_killed_and_restarted_bot_reconnects_rejoins_and_delivers_
         assert bot.transport.connections == 2                     # a new session: re-authenticated
         alice.received.clear()
         alice.say(ops, "!whoami")                                # the bot is back in the room
-        assert (await alice.expect(from_room(ops))).body.startswith("ops@conference.localhost/alice on test")
+        assert (await alice.expect(from_room(ops))).body.startswith("alice: ops@conference.localhost/alice on test")
     finally:
         await alice.close()
 
@@ -363,7 +366,7 @@ async def test_network_loss_resumes_the_stream_and_delivers_queued_lines_once(
         alice.received.clear()
         alice.say(ops, "!whoami")                 # still in the room, still seeing real JIDs
         assert (await alice.expect(from_room(ops))).body.startswith(
-            "ops@conference.localhost/alice on test is alice")
+            "alice: ops@conference.localhost/alice on test is alice")
     finally:
         await proxy.close()
 
@@ -382,6 +385,57 @@ async def test_tls_is_required_by_default_and_a_bad_password_fails_start(prosody
     with pytest.raises(TransportError, match="authentication as bot@localhost failed") as info:
         await wrong.start(nothing)
     assert "nope" not in str(info.value)
+
+
+async def test_starttls_with_ca_file_verifies_the_server_and_commands_are_answered(
+        prosody_tls: Prosody, engine: Engine, caplog) -> None:  # type: ignore[no-untyped-def]
+    caplog.set_level(logging.INFO, "bot.transports.xmpp")
+    assert prosody_tls.ca_file is not None
+    transport = XmppTransport(XmppConfig(name=NET, jid=prosody_tls.jid("bot"), password="botpw", host="127.0.0.1",
+                                         port=prosody_tls.port, ca_file=str(prosody_tls.ca_file),
+                                         reconnect_min=0.2, reconnect_max=2.0))     # tls: starttls (default)
+    directory = Directory([User("alice", xmpp_jids=(prosody_tls.jid("alice"),), roles={"*": frozenset({"admins"})})])
+    alice = Human(prosody_tls, "alice")
+    try:
+        await Router(Dispatcher(engine=engine, directory=directory, registry=default_registry())).serve(transport)
+        assert transport.online.is_set()
+        assert f"xmpp {NET}: session started as bot@localhost/" in caplog.text and "(TLS: yes)" in caplog.text
+        await alice.connect()                            # the human needs the CA too (STARTTLS is required)
+        assert await alice.ask(prosody_tls.jid("bot"), "whoami") == (
+            "alice@localhost/test on test is alice, verified by server-verified JID; roles: *: admins")
+        assert await alice.ask(prosody_tls.jid("bot"), "ps") == "no running, waiting or failed instances"
+    finally:
+        await alice.close()
+        await transport.close()
+
+
+async def test_starttls_without_the_ca_refuses_the_server_with_a_clear_error(
+        prosody_tls: Prosody, caplog) -> None:  # type: ignore[no-untyped-def]
+    async def nothing(message: Message) -> None:
+        raise AssertionError("no message expected")
+
+    base = dict(name=NET, jid=prosody_tls.jid("bot"), password="botpw", host="127.0.0.1", port=prosody_tls.port)
+    untrusted = XmppTransport(XmppConfig(**base))                          # type: ignore[arg-type]
+    started = time.monotonic()
+    with pytest.raises(TransportError) as info:
+        await untrusted.start(nothing)
+    assert time.monotonic() - started < 2                                  # at once, not after retries
+    assert str(info.value) == (
+        f"xmpp {NET}: TLS: refused the certificate of localhost (unable to get local issuer certificate); "
+        "checked against the system's CAs: set ca_file to the CA that signed it")
+    assert not untrusted.online.is_set()
+    assert "botpw" not in caplog.text
+
+    # a CA file that does not vouch for this server: refused the same way, and it says which file
+    other = Path(tempfile.mkdtemp(prefix="other-ca-"))
+    try:
+        stranger = ThrowawayCA.create(other)
+        wrong_ca = XmppTransport(XmppConfig(ca_file=str(stranger.ca_file), **base))   # type: ignore[arg-type]
+        with pytest.raises(TransportError, match=r"TLS: refused the certificate of localhost \(.*\); "
+                                                 rf"checked against ca_file {stranger.ca_file}"):
+            await wrong_ca.start(nothing)
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
 
 
 CONFIG = textwrap.dedent("""\

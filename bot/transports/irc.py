@@ -81,7 +81,8 @@ class IrcConfig:
     nick: str
     port: int | None = None                     # default: 6697 with TLS, 6667 without
     tls: bool = True
-    tls_verify: bool = True
+    tls_verify: bool = True                     # False: accept any certificate (a test server only)
+    ca_file: str | None = None                  # PEM CA bundle trusted besides the system's CAs
     username: str | None = None                 # default: the nick
     realname: str = "release bot"
     sasl_account: str | None = None
@@ -103,7 +104,7 @@ class IrcConfig:
         return self.port if self.port is not None else (6697 if self.tls else 6667)
 
 
-_KEYS = ("name", "host", "port", "tls", "tls_verify", "nick", "username", "realname", "sasl_account",
+_KEYS = ("name", "host", "port", "tls", "tls_verify", "ca_file", "nick", "username", "realname", "sasl_account",
          "sasl_password_env", "channels", "command_prefix", "pacing_rate", "pacing_burst",
          "reconnect_min", "reconnect_max", "allow_hostmask", "use_notice", "ping_interval", "ping_timeout")
 
@@ -170,6 +171,9 @@ def parse_config(node: Any, file: str) -> tuple[IrcConfig | None, list[Problem]]
     port = get("port", int, None, lambda v: None if 0 < v < 65536 else "expected 1-65535")
     tls = get("tls", bool, True)
     tls_verify = get("tls_verify", bool, True)
+    ca_file = get("ca_file", str, None, lambda v: None if os.path.isfile(v) else "no such file")
+    if ca_file is not None and tls is False:
+        problem("ca_file", "ca_file: needs tls: true (a CA is only used to check a TLS server)")
     nick = get("nick", str, None, lambda v: None if _NICK.match(v) else "not a valid IRC nick", required=True)
     username = get("username", str, None, lambda v: None if re.match(r"^[^\s@!:]+$", v) else
                    "no spaces, '@', '!' or ':'")
@@ -208,7 +212,7 @@ def parse_config(node: Any, file: str) -> tuple[IrcConfig | None, list[Problem]]
     ping_timeout = duration("ping_timeout", 30.0)
     if problems:
         return None, problems
-    return IrcConfig(name=name, host=host, nick=nick, port=port, tls=tls, tls_verify=tls_verify,
+    return IrcConfig(name=name, host=host, nick=nick, port=port, tls=tls, tls_verify=tls_verify, ca_file=ca_file,
                      username=username, realname=realname, sasl_account=account, sasl_password=password,
                      channels=tuple(good_channels), command_prefix=prefix, pacing_rate=float(rate),
                      pacing_burst=burst, reconnect_min=rmin, reconnect_max=rmax,
@@ -845,7 +849,12 @@ class IrcTransport:
     async def _open(self, session: _Session) -> None:
         cfg = self.config
         if cfg.tls:
-            context = ssl.create_default_context()
+            try:
+                context = ssl.create_default_context()          # the system's CAs ...
+                if cfg.ca_file:
+                    context.load_verify_locations(cafile=cfg.ca_file)    # ... plus a private one (as for XMPP)
+            except (OSError, ssl.SSLError) as exc:      # the file vanished or is not PEM since start-up
+                raise TransportError(f"cannot use ca_file {cfg.ca_file}: {exc}") from exc
             if not cfg.tls_verify:
                 context.check_hostname = False
                 context.verify_mode = ssl.CERT_NONE
@@ -857,6 +866,13 @@ class IrcTransport:
                                                         username=cfg.username or cfg.nick,
                                                         ircname=cfg.realname, connect_factory=factory),
                                    REGISTRATION_TIMEOUT)
+        except ssl.SSLCertVerificationError as exc:
+            raise TransportError(
+                f"TLS: refused the certificate of {cfg.host}:{cfg.server_port} "
+                f"({exc.verify_message or exc.reason or exc}); "
+                + (f"checked against ca_file {cfg.ca_file}" if cfg.ca_file else
+                   "checked against the system's CAs: set ca_file to the CA that signed it "
+                   "(or tls_verify: false, for a test server only)")) from exc
         except (OSError, asyncio.TimeoutError, irc.client.IRCError) as exc:
             raise TransportError(f"cannot connect to {cfg.host}:{cfg.server_port}: "
                                  f"{exc or type(exc).__name__}") from exc

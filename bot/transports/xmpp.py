@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import re
+import ssl
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -252,7 +253,7 @@ class XmppTransport:
         self._client: Any = None
         self._on_message: MessageHandler | None = None
         self._first: asyncio.Future[str] | None = None
-        self._auth_error: str | None = None
+        self._auth_error: str | None = None   # credentials or certificate refused: retrying will not help
         self._last_error = ""
         self._requeued: set[str] = set()    # ids of lines queued again after a dead session
         self._session = asyncio.Event()     # authenticated and bound (rooms perhaps not yet)
@@ -272,7 +273,8 @@ class XmppTransport:
         """Connect and keep reconnecting in the background.  Returns once the
         first session is up (rooms joined), or after the first failed attempt
         (the bot keeps trying); raises TransportError if the server refused
-        the credentials or the TLS policy cannot be met (retrying is pointless)."""
+        the credentials, its certificate is not trusted, or the TLS policy
+        cannot be met (retrying is pointless)."""
         if self._client is not None:
             raise TransportError(f"xmpp {self.network}: already started")
         self._on_message = on_message
@@ -374,6 +376,7 @@ class XmppTransport:
         client.add_event_handler("disconnected", self._disconnected)
         client.add_event_handler("failed_all_auth", self._failed_auth)
         client.add_event_handler("connection_failed", self._connection_failed)
+        client.add_event_handler("ssl_invalid_chain", self._tls_failed)    # STARTTLS handshake refused
         client.add_event_handler("sm_enabled", lambda _: log.debug("xmpp %s: stream management on",
                                                                    self.network))
         client.add_event_handler("stanza_acked", self._acked)
@@ -537,7 +540,25 @@ class XmppTransport:
             log.info("xmpp %s: disconnected (%s)", self.network, sanitise(str(reason or "connection closed")))
 
     def _connection_failed(self, error: Any) -> None:
+        if isinstance(error, ssl.SSLCertVerificationError):    # direct TLS (XEP-0368)
+            self._auth_error = self._tls_problem(error)
         self._last_error = sanitise(str(error), 120)
+
+    def _tls_failed(self, error: Any) -> None:
+        # Handling this event stops slixmpp's own bare "Invalid certificate trust chain" disconnect.
+        self._auth_error = self._tls_problem(error)
+        client = self._client
+        if client is not None and client.transport is not None:
+            client.abort()
+
+    def _tls_problem(self, error: Any) -> str:
+        domain = self.config.jid.split("@", 1)[1]
+        if isinstance(error, ssl.SSLCertVerificationError):
+            why = error.verify_message or error.reason or str(error)
+            checked = (f"checked against ca_file {self.config.ca_file}" if self.config.ca_file else
+                       "checked against the system's CAs: set ca_file to the CA that signed it")
+            return f"TLS: refused the certificate of {domain} ({sanitise(str(why), 200)}); {checked}"
+        return f"TLS with {domain} failed: {sanitise(str(error), 200)}"
 
     def _failed_auth(self, _event: Any) -> None:
         client = self._client

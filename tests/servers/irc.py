@@ -7,6 +7,10 @@ tests register their NickServ accounts through it (``insp.register``).  It
 listens on two client ports: ``port`` uses InspIRCd's DEFAULT connect class
 (no flood/rate attributes, so the bot is tested against real fakelag and
 RecvQ limits), ``helper_port`` a relaxed class for the test's own clients.
+
+TLS: ``ThrowawayCA`` makes a CA and server certificates with the ``openssl``
+CLI (``tls_ca`` fixture, once per session); ``Ngircd(tls=cert)`` then also
+listens with TLS on ``tls_port`` (ngircd is built with GnuTLS).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from typing import Callable, Iterator
 import pytest
 
 from tests.servers import free_port, require_binary, stop, wait_port
+from tests.servers.tls import ServerCert, ThrowawayCA
 
 NGIRCD_CONF = """\
 [Global]
@@ -54,9 +59,21 @@ Password = adminpw
 """
 
 
+NGIRCD_SSL = """
+[SSL]
+CertFile = {cert}
+KeyFile = {key}
+DHFile = {dh}
+Ports = {port}
+"""
+
+
+# -- ngircd ----------------------------------------------------------------------------
+
 @dataclass
 class Ngircd:
-    """One ngircd in the foreground; ``restart()`` keeps its port."""
+    """One ngircd in the foreground; ``restart()`` keeps its ports.  With
+    ``tls`` it also accepts TLS connections on ``tls_port``."""
 
     dir: Path
     port: int
@@ -64,18 +81,28 @@ class Ngircd:
     binary: str = "ngircd"
     proc: subprocess.Popen | None = None
     host: str = "127.0.0.1"
+    tls: ServerCert | None = None
+    tls_port: int | None = None    # default with tls: a free port
 
     def start(self) -> "Ngircd":
         (self.dir / "conf.d").mkdir(parents=True, exist_ok=True)
         conf = self.dir / "ngircd.conf"
-        conf.write_text(NGIRCD_CONF.format(port=self.port, dir=self.dir,
-                                           penalty="" if self.penalties else "MaxPenaltyTime = 0"))
+        text = NGIRCD_CONF.format(port=self.port, dir=self.dir,
+                                  penalty="" if self.penalties else "MaxPenaltyTime = 0")
+        if self.tls is not None:
+            if self.tls_port is None:
+                self.tls_port = free_port()
+            text += NGIRCD_SSL.format(cert=self.tls.cert_file, key=self.tls.key_file, dh=self.tls.dh_file,
+                                      port=self.tls_port)
+        conf.write_text(text)
         log = open(self.dir / "ngircd.log", "ab")
         self.proc = subprocess.Popen([self.binary, "-n", "-p", "-f", str(conf)],
                                      stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
         try:
             wait_port(self.port, 10, self.proc)
+            if self.tls_port is not None:
+                wait_port(self.tls_port, 10, self.proc)
         except BaseException:
             self.stop()
             raise
@@ -474,6 +501,20 @@ class Human:
 def ngircd(tmp_path: Path) -> Iterator[Ngircd]:
     """A fresh ngircd per test, without flood penalties (ready in ~25 ms)."""
     server = Ngircd(tmp_path / "ngircd", free_port(), False, require_binary("ngircd"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def ngircd_tls(tmp_path: Path, tls_ca: ThrowawayCA) -> Iterator[Ngircd]:
+    """An ngircd with a plain ``port`` and a TLS ``tls_port``; its certificate
+    (for 127.0.0.1 and localhost) is signed by ``tls_ca``, which no system trusts.
+    ngircd reads it as root, before it drops to ``nobody``."""
+    server = Ngircd(tmp_path / "ngircd", free_port(), False, require_binary("ngircd"),
+                    tls=tls_ca.issue(tmp_path / "certs"))
     server.start()
     try:
         yield server

@@ -6,11 +6,15 @@ Each server gets a free port and its own temp dir; users are registered with
 root-owned log file is not writeable for the ``prosody`` user it drops to).
 The config is the one from ``test-servers.md`` section 3, plus ``smacks``
 (XEP-0198 stream management, bundled with 0.12) and ``offline`` storage.
+
+``Prosody(tls=True)`` is the TLS variant: mod_tls on, STARTTLS required
+(``c2s_require_encryption``), no plain authentication without it, and a
+certificate for ``localhost``/127.0.0.1 signed by a throwaway CA
+(``ca_file``) that no system trusts.
 """
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import signal
 import subprocess
@@ -23,6 +27,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 import pytest
 
 from tests.servers import free_port, require_binary, stop, wait_port
+from tests.servers.tls import ThrowawayCA
 
 DOMAIN = "localhost"
 MUC = "conference.localhost"
@@ -42,11 +47,9 @@ http_ports = {{ }}
 https_ports = {{ }}
 c2s_direct_tls_ports = {{ }}
 modules_enabled = {{ "disco"; "roster"; "saslauth"; "presence"; "message"; "iq"; "ping"; "register";
-                    "smacks"; "offline"; }}
-modules_disabled = {{ "s2s"; "tls"; "posix"; }}
-c2s_require_encryption = false
-allow_unencrypted_plain_auth = true
-authentication = "internal_plain"
+                    "smacks"; "offline"; {tls_module}}}
+modules_disabled = {{ "s2s"; {no_tls}"posix"; }}
+{tls}authentication = "internal_plain"
 storage = "internal"
 allow_registration = true
 min_seconds_between_registrations = 0
@@ -60,10 +63,27 @@ Component "{muc}" "muc"
 """
 
 
-class Prosody:
-    """One prosody process; ``kill``/``start`` simulate a crash and restart."""
+PLAIN = """\
+c2s_require_encryption = false
+allow_unencrypted_plain_auth = true
+"""
 
-    def __init__(self, users: dict[str, str] | None = None) -> None:
+TLS = """\
+ssl = {{ certificate = "{cert}"; key = "{key}"; }}
+c2s_require_encryption = true
+allow_unencrypted_plain_auth = false
+"""
+
+
+class Prosody:
+    """One prosody process; ``kill``/``start`` simulate a crash and restart.
+
+    ``tls=True``: STARTTLS required, with a certificate for ``localhost`` and
+    127.0.0.1 signed by ``ca`` (default: a new throwaway CA in this server's
+    dir); clients must trust ``ca_file``."""
+
+    def __init__(self, users: dict[str, str] | None = None, *, tls: bool = False,
+                 ca: ThrowawayCA | None = None) -> None:
         self.binary = require_binary("prosody")
         self.ctl = require_binary("prosodyctl")
         # Not pytest's tmp_path: that is 0700 and prosodyctl drops to the prosody user.
@@ -73,12 +93,24 @@ class Prosody:
         self.domain, self.muc = DOMAIN, MUC
         self.users = dict(USERS if users is None else users)
         self.config = self.root / "prosody.cfg.lua"
+        self.tls = tls
+        self.ca_file: Path | None = None
         (self.root / "data").mkdir()
         (self.root / "certs").mkdir()
-        self.config.write_text(CONFIG.format(root=self.root, port=self.port, domain=DOMAIN, muc=MUC))
+        settings = PLAIN
+        if tls:
+            if ca is None:
+                ca = ThrowawayCA.create(self.root / "ca")
+            cert = ca.issue(self.root / "certs", dns=(DOMAIN,), ips=("127.0.0.1",))
+            self.ca_file = cert.ca_file
+            settings = TLS.format(cert=cert.cert_file, key=cert.key_file)
+        self.config.write_text(CONFIG.format(root=self.root, port=self.port, domain=DOMAIN, muc=MUC,
+                                             tls_module='"tls"; ' if tls else "",
+                                             no_tls="" if tls else '"tls"; ', tls=settings))
         shutil.chown(self.root, "prosody", "prosody")
-        for sub in ("data", "certs"):
-            shutil.chown(self.root / sub, "prosody", "prosody")
+        # prosody (and prosodyctl, which drops to the prosody user) must read the key.
+        for path in [self.root / "data", self.root / "certs", *(self.root / "certs").iterdir()]:
+            shutil.chown(path, "prosody", "prosody")
         for user, password in self.users.items():
             subprocess.run([self.ctl, "--config", str(self.config), "register", user, DOMAIN, password],
                            check=True, capture_output=True, timeout=20)
@@ -146,12 +178,15 @@ class Human:
     async def connect(self, timeout: float = 10.0) -> "Human":
         import slixmpp
 
+        tls = self.server.tls
         c = slixmpp.ClientXMPP(f"{self.server.jid(self.user)}/test", self.server.users[self.user],
-                               plugin_config={"feature_mechanisms": {"unencrypted_scram": True,
-                                                                     "unencrypted_plain": True}})
+                               plugin_config={"feature_mechanisms": {"unencrypted_scram": not tls,
+                                                                     "unencrypted_plain": not tls}})
         c.enable_direct_tls = False
-        c.enable_starttls = False
-        c.enable_plaintext = True
+        c.enable_starttls = tls          # with the server's throwaway CA, hostname checked
+        c.enable_plaintext = not tls
+        if tls:
+            c.ca_certs = self.server.ca_file
         c.register_plugin("xep_0030")
         c.register_plugin("xep_0045")
         c.register_plugin("xep_0199")
@@ -226,6 +261,18 @@ class Human:
 @pytest.fixture
 def prosody() -> Iterator[Prosody]:
     server = Prosody().start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+        assert server.leftover_pids() == [], "a prosody process was left behind"
+
+
+@pytest.fixture
+def prosody_tls(tls_ca: ThrowawayCA) -> Iterator[Prosody]:
+    """A Prosody that requires STARTTLS; its certificate is signed by ``tls_ca``
+    (``prosody_tls.ca_file``), which no system trusts."""
+    server = Prosody(tls=True, ca=tls_ca).start()
     try:
         yield server
     finally:
