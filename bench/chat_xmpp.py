@@ -2,8 +2,9 @@
 """XMPP command round trip against a real Prosody started here (loopback).
 
 The real front-end (Router + Dispatcher + XmppTransport, pacing effectively
-off) and a real slixmpp client that sends 1,000 ``whoami`` direct messages
-one at a time, each timed from send to the bot's reply arriving, after a
+off) and a real slixmpp client that sends 1,000 ``ps`` direct messages one
+at a time, answered from a real engine and SQLite file (3 waiting instances:
+3 lines, in one message), each timed from send to the reply arriving, after a
 warm-up (the first message on a connection costs ~40 ms).  Prints:
 
   xmpp_command_rtt_p50_ms / xmpp_command_rtt_p99_ms
@@ -11,13 +12,16 @@ warm-up (the first message on a connection costs ~40 ms).  Prints:
 from __future__ import annotations
 
 import asyncio
+import shutil
 import statistics
+import tempfile
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.chat_common import INSTANCES, close, ps_engine  # noqa: E402
 from bot.access import Directory, User  # noqa: E402
 from bot.commands import Dispatcher, default_registry  # noqa: E402
 from bot.router import Router  # noqa: E402
@@ -32,25 +36,32 @@ async def run() -> dict[str, float]:
     server = Prosody().start()
     transport: XmppTransport | None = None
     alice: Human | None = None
+    directory = Path(tempfile.mkdtemp(prefix="bench-xmpp-"))
+    engine, store = await ps_engine(directory)
     try:
         cfg = XmppConfig(name="bench", jid=server.jid("bot"), password=server.users["bot"],
                          host="127.0.0.1", port=server.port, tls="plaintext",
                          rate=1e9, burst=1_000_000)                        # pacing effectively off
         transport = XmppTransport(cfg)
-        directory = Directory([User("alice", xmpp_jids=(server.jid("alice"),))])
-        # whoami and help never touch the engine
-        router = Router(Dispatcher(engine=None, directory=directory, registry=default_registry()))
+        users = Directory([User("alice", xmpp_jids=(server.jid("alice"),), roles={"*": frozenset({"admins"})})])
+        router = Router(Dispatcher(engine=engine, directory=users, registry=default_registry()))
         await router.serve(transport)
         alice = await Human(server, "alice").connect()
         bot = server.jid("bot")
+        human = alice
+
+        async def ps() -> None:
+            human.dm(bot, "ps")
+            reply = await human.expect(lambda m: m.sender.split("/")[0] == bot and m.type == "chat")
+            assert len(reply.body.split("\n")) == INSTANCES, reply     # one message carries the answer
+
         for _ in range(WARM_UP):
-            await alice.ask(bot, "whoami")
+            await ps()
         rtts: list[float] = []
         for _ in range(COMMANDS):
             t0 = time.perf_counter()
-            reply = await alice.ask(bot, "whoami")
+            await ps()
             rtts.append((time.perf_counter() - t0) * 1000)
-            assert reply.startswith("alice@localhost/test on bench is alice"), reply
         percentiles = statistics.quantiles(rtts, n=100, method="inclusive")
         return {"xmpp_command_rtt_p50_ms": statistics.median(rtts),
                 "xmpp_command_rtt_p99_ms": percentiles[98]}
@@ -60,6 +71,8 @@ async def run() -> dict[str, float]:
         if transport is not None:
             await transport.close()
         server.cleanup()
+        await close(engine, store)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def main() -> None:

@@ -38,8 +38,10 @@ class Router:
                                                "sent to you privately")
             target = message.sender
         else:
-            # In a room every answer is addressed, so people asking at once can tell theirs apart.
+            # In a room every answer is addressed, so people asking at once can tell theirs apart
+            # (an answer is one send, so its lines stay together).
             target = message.room
-            response_lines = [f"{message.sender.nick}: {line}" for line in response_lines]
-        for line in response_lines:
-            await transport.send(target, line)  # type: ignore[arg-type]
+            response_lines = [f"{message.sender.nick}: {response_lines[0]}", *response_lines[1:]]
+        # One send per answer: the transport decides how lines travel (IRC: a line each,
+        # XMPP: as few messages as the size limit allows).
+        await transport.send(target, "\n".join(response_lines))  # type: ignore[arg-type]

@@ -184,8 +184,8 @@ async def test_long_room_output_goes_to_the_caller_privately(
     alice.say(ops, "!ps")
     notice = await alice.expect(from_room(ops))
     assert notice.body == "alice: 5 lines, sent to you privately"
-    private = [await alice.expect(lambda m: m.type == "chat" and m.sender == f"{ops}/{NICK}") for _ in range(5)]
-    assert sorted(p.body.split(" ")[0] for p in private) == ["#1", "#2", "#3", "#4", "#5"]
+    private = await alice.expect(lambda m: m.type == "chat" and m.sender == f"{ops}/{NICK}")
+    assert sorted(line.split(" ")[0] for line in private.body.split("\n")) == ["#1", "#2", "#3", "#4", "#5"]
     assert not [m for m in await alice.quiet(0.2) if m.sender.startswith(ops)]
 
 
@@ -227,14 +227,16 @@ async def test_the_bot_never_answers_its_own_reflected_room_messages(
 
 # --- outbound: splitting and pacing ------------------------------------------------
 
-def test_split_text_keeps_every_character() -> None:
+def test_split_text_keeps_every_character_and_packs_lines() -> None:
     words = " ".join(f"word{i}" for i in range(400))          # ~3,500 characters
     chunks = split_text(f"first\n\n{words}\nlast", 1000)
-    assert chunks[0] == "first" and chunks[-1] == "last"
     assert all(len(c) <= 1000 for c in chunks)
-    assert " ".join(chunks[1:-1]) == words
+    assert chunks[0].startswith("first\nword0 ") and chunks[-1].endswith(" word399\nlast")
+    assert " ".join(" ".join(chunks).split("\n")) == f"first {words} last"   # only break spaces/newlines go
     assert split_text("x" * 250, 100) == ["x" * 100, "x" * 100, "x" * 50]
     assert split_text("a  b", 2) == ["a ", "b"]                # only the break's own space goes
+    assert split_text("ab\ncd\nef\n\ngh", 5) == ["ab\ncd", "ef\ngh"]   # lines share a message while they fit
+    assert split_text("ab\ncd", 4) == ["ab", "cd"]              # a message breaks only between lines
 
 
 async def test_long_text_is_split_on_line_boundaries_and_paced(
@@ -242,16 +244,17 @@ async def test_long_text_is_split_on_line_boundaries_and_paced(
     bot = await start_bot(rate=20.0, burst=2, max_line_chars=200)
     alice: Human = await xmpp_human("alice")
     to_alice = Identity("xmpp", NET, prosody.jid("alice"))
-    long_line = " ".join(f"w{i}" for i in range(150))         # 639 characters -> 4 chunks
-    text = "\n".join(f"line {i}" for i in range(6)) + "\n" + long_line
+    long_line = " ".join(f"w{i}" for i in range(150))         # 639 characters -> 4 messages
+    short = [f"line {i:02d} " + "x" * 22 for i in range(30)]   # 30 characters: 6 to a message -> 5
+    text = "\n".join(short) + "\n" + long_line
     t0 = time.monotonic()
     await bot.transport.send(to_alice, text)
-    got = [await alice.expect(lambda m: m.type == "chat") for _ in range(6 + 4)]
+    got = [await alice.expect(lambda m: m.type == "chat") for _ in range(5 + 4)]
     elapsed = time.monotonic() - t0
     bodies = [m.body for m in got]
-    assert bodies[:6] == [f"line {i}" for i in range(6)]
-    assert " ".join(bodies[6:]) == long_line and all(len(b) <= 200 for b in bodies)
-    assert elapsed >= (10 - 2) / 20 * 0.9                       # burst 2, then 20 lines/s
+    assert [b.split("\n") for b in bodies[:5]] == [short[i:i + 6] for i in range(0, 30, 6)]
+    assert " ".join(bodies[5:]) == long_line and all(len(b) <= 200 for b in bodies)
+    assert elapsed >= (9 - 2) / 20 * 0.9                        # burst 2, then 20 messages/s
     assert await alice.quiet(0.2) == []
 
 

@@ -63,6 +63,7 @@ REGISTRATION_TIMEOUT = 60.0     # TCP connect + CAP/SASL + welcome
 STABLE_AFTER = 30.0             # a connection that lived this long resets the backoff
 MARKER_AGE = 10.0               # without echo-message: confirm at least this often while sending
 ECHO_GRACE = 3.0                # with echo-message: a line not echoed by then gets a marker PING
+MAX_BATCH = 32                  # lines per socket write at most (then yield to the loop)
 IRC_LINE_BYTES = 512            # including CR LF (RFC 1459 / 2812)
 MAX_HOST = 63                   # assumed for our own host until the server tells us
 WHOX_TOKEN = "471"
@@ -352,6 +353,19 @@ class _Session:
         try:
             self.conn.send_raw(line)
         except (irc.client.IRCError, OSError, AttributeError) as exc:
+            raise TransportError(f"cannot write to {self.owner.config.name}: {exc}") from exc
+
+    def write_lines(self, lines: list[str]) -> None:
+        """Hand several lines to the socket in one write: one TCP segment, so a
+        server that relays them without TCP_NODELAY (ngircd) sends them on
+        together instead of holding all but the first for the reader's
+        delayed ACK (~40 ms per answer of more than one line)."""
+        for line in lines:
+            if "\r" in line or "\n" in line or "\0" in line:
+                raise TransportError(f"{self.owner.config.name}: refusing to write a line with CR, LF or NUL")
+        try:
+            self.conn.transport.write(b"".join(line.encode("utf-8") + b"\r\n" for line in lines))
+        except (OSError, AttributeError) as exc:
             raise TransportError(f"cannot write to {self.owner.config.name}: {exc}") from exc
 
     def budget(self, command: str, target: str) -> int:
@@ -922,8 +936,16 @@ class IrcTransport:
 
     async def _write_loop(self, session: _Session) -> None:
         """The one writer of a connection: control lines first, then messages,
-        then a confirmation marker; every line spends a token."""
+        then a confirmation marker; every line spends a token.  Lines that may
+        go at once are written together, before the writer next waits."""
         bucket = TokenBucket(self.config.pacing_rate, self.config.pacing_burst, self.clock)
+        batch: list[str] = []
+
+        def flush() -> None:
+            if batch:
+                session.write_lines(batch)
+                batch.clear()
+
         while session.alive:
             outbox, unconfirmed = self._outbox, self._unconfirmed
             if "echo-message" in session.caps:   # echoes confirm; a marker only for lines never echoed
@@ -933,6 +955,7 @@ class IrcTransport:
                 want_marker = bool(unconfirmed) and session.marker is None and (
                     not outbox or self.clock() - unconfirmed[0].written >= MARKER_AGE)
             if not (session.control or outbox or want_marker):
+                flush()
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), ECHO_GRACE / 3 if unconfirmed else None)
@@ -940,23 +963,24 @@ class IrcTransport:
                     pass
                 continue
             delay = bucket.delay()
-            if delay > 0:
+            if delay > 0 or len(batch) >= MAX_BATCH:
+                flush()
                 await asyncio.sleep(delay)
                 continue
             if session.control:
-                session.write(session.control.popleft())
+                batch.append(session.control.popleft())
             elif want_marker:
                 session.marker_count += 1
                 token = f"rb{session.number}.{session.marker_count}"
                 session.marker = (token, unconfirmed[-1].seq)
-                session.write(f"PING :{token}")
+                batch.append(f"PING :{token}")
             else:
                 line = outbox[0]
                 budget = session.budget(line.command, line.target)
                 head, rest = split_utf8(line.text, budget)
                 self._seq += 1
                 sent = _Line(line.command, line.target, head, self._seq, self.clock())
-                session.write(f"{line.command} {line.target} :{head}")
+                batch.append(f"{line.command} {line.target} :{head}")
                 if rest:
                     line.text = rest
                 else:

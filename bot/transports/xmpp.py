@@ -178,21 +178,29 @@ def parse_config(node: Any, file: str) -> tuple[XmppConfig | None, list[Problem]
 
 
 def split_text(text: str, limit: int) -> list[str]:
-    """One chat line per line of text; a line longer than ``limit`` is cut at
-    its last space within the limit (that one space becomes the break) or,
-    failing that, hard at the limit.  Nothing else is dropped but empty lines."""
-    out: list[str] = []
+    """Messages of at most ``limit`` characters carrying ``text``'s lines:
+    consecutive lines share a message while they fit, and a message breaks
+    only between lines; a single line longer than ``limit`` is cut at its last
+    space within the limit (that one space becomes the break) or, failing
+    that, hard at the limit.  Nothing is dropped but empty lines."""
+    pieces: list[str] = []
     for line in text.splitlines():
         while len(line) > limit:
             space = line.rfind(" ", 1, limit + 1)
             if space > 0:
-                out.append(line[:space])
+                pieces.append(line[:space])
                 line = line[space + 1:]
             else:
-                out.append(line[:limit])
+                pieces.append(line[:limit])
                 line = line[limit:]
         if line:
-            out.append(line)
+            pieces.append(line)
+    out: list[str] = []
+    for piece in pieces:
+        if out and len(out[-1]) + 1 + len(piece) <= limit:
+            out[-1] += "\n" + piece
+        else:
+            out.append(piece)
     return out
 
 
