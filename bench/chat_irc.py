@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.chat_common import INSTANCES, close, ps_engine  # noqa: E402
-from bot.access import Directory, User  # noqa: E402
+from bot.access import Directory, IrcIds, User  # noqa: E402
 from bot.chat import Room  # noqa: E402
 from bot.commands import Dispatcher, default_registry  # noqa: E402
 from bot.router import Router  # noqa: E402
@@ -58,7 +58,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 async def _bot(engine: Engine, port: int, nick: str, channel: str, **pacing: object) -> IrcTransport:
     # ngircd has no services: the human is known by an explicitly allowed hostmask
-    directory = Directory([User("bencher", irc_hostmasks=("bencher!*@*",), roles={"*": frozenset({"admins"})})])
+    directory = Directory([User("bencher", irc={"bench": IrcIds(hostmasks=("bencher!*@127.0.0.1",))}, roles={"*": frozenset({"admins"})})])
     router = Router(Dispatcher(engine=engine, directory=directory, registry=default_registry()))
     transport = IrcTransport(IrcConfig(name="bench", host="127.0.0.1", port=port, tls=False, nick=nick,
                                        channels=(channel,), **pacing))  # type: ignore[arg-type]

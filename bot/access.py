@@ -1,7 +1,9 @@
 """Users, their verified identities per network, and roles per project.
 
 An identity is matched to a user only by what the server vouches for
-(IRC services account, XMPP bare JID, the local console).  An IRC hostmask
+(IRC services account on that network, XMPP bare JID, the local console).
+IRC account names belong to one network (anyone may register "alice" on
+another), so IRC identities are configured per network.  An IRC hostmask
 pattern counts only where that user's entry explicitly allows it, and the
 match is reported as weaker.
 """
@@ -21,10 +23,17 @@ GLOBAL = "*"               # roles granted on every project
 
 
 @dataclass(frozen=True)
+class IrcIds:
+    """A user's identities on one IRC network (account names are per network)."""
+
+    accounts: tuple[str, ...] = ()
+    hostmasks: tuple[str, ...] = ()         # explicit, weaker fallback
+
+
+@dataclass(frozen=True)
 class User:
     name: str
-    irc_accounts: tuple[str, ...] = ()
-    irc_hostmasks: tuple[str, ...] = ()     # explicit, weaker fallback
+    irc: dict[str, IrcIds] = field(default_factory=dict)    # IRC network name -> identities there
     xmpp_jids: tuple[str, ...] = ()
     emails: tuple[str, ...] = ()
     roles: dict[str, frozenset[str]] = field(default_factory=dict)   # project -> roles
@@ -68,7 +77,7 @@ class Directory:
 
     def __init__(self, users: list[User]) -> None:
         self.users = {u.name: u for u in users}
-        self._irc = {a.casefold(): u for u in users for a in u.irc_accounts}
+        self._irc = {(net, a.casefold()): u for u in users for net, ids in u.irc.items() for a in ids.accounts}
         self._xmpp = {j.lower(): u for u in users for j in u.xmpp_jids}
 
     def resolve(self, ident: Identity) -> Caller:
@@ -77,13 +86,14 @@ class Directory:
             return Caller(ident, user, VERIFIED_CONSOLE if user else UNVERIFIED)
         if ident.protocol == "irc":
             if ident.account and ident.verified_by == VERIFIED_SERVICES:
-                user = self._irc.get(ident.account.casefold())
+                user = self._irc.get((ident.network, ident.account.casefold()))
                 if user:
                     return Caller(ident, user, VERIFIED_SERVICES)
             if ident.hostmask:
                 for user in self.users.values():
-                    if any(fnmatch.fnmatchcase(ident.hostmask.lower(), pat.lower())
-                           for pat in user.irc_hostmasks):
+                    ids = user.irc.get(ident.network)
+                    if ids and any(fnmatch.fnmatchcase(ident.hostmask.lower(), pat.lower())
+                                   for pat in ids.hostmasks):
                         return Caller(ident, user, VERIFIED_HOSTMASK)
             return Caller(ident, None, ident.verified_by)
         if ident.protocol == "xmpp" and ident.account and ident.verified_by == VERIFIED_JID:

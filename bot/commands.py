@@ -108,6 +108,15 @@ class Dispatcher:
     clock: Callable[[], float] = time.monotonic
 
     async def handle(self, message: Message) -> Response:
+        caller = self.directory.resolve(message.sender)
+        if self.cooldown and message.sender.protocol != "console":
+            # every addressed message counts, even a malformed one: each would cost an answer
+            verdict = self.cooldown.admit(rate_key(caller))
+            if verdict == "refuse":
+                log.info("rate limit: %s (%s) is sending too many commands", message.sender, rate_key(caller))
+                return Response(["slow down, please: too many commands; try again in a few seconds"], ok=False)
+            if verdict == "quiet":
+                return Response([], ok=False)
         words = message.text.strip()
         try:
             args = shlex.split(words)
@@ -119,15 +128,6 @@ class Dispatcher:
         spec = self.registry.commands.get(name)
         if spec is None:
             return Response([f"unknown command {sanitise(name, 40)!r}; try: help"], ok=False)
-        caller = self.directory.resolve(message.sender)
-        if self.cooldown and message.sender.protocol != "console":
-            who = caller.user.name if caller.user else message.sender.handle
-            verdict = self.cooldown.admit(f"{message.sender.protocol}:{message.sender.network}:{who}")
-            if verdict == "refuse":
-                log.info("rate limit: %s (%s) is sending too many commands", message.sender, who)
-                return Response(["slow down, please: too many commands; try again in a few seconds"], ok=False)
-            if verdict == "quiet":
-                return Response([], ok=False)
         if spec.privileged and caller.user is None:
             log.warning("refused %r from %s (%s): not a verified known user",
                         sanitise(words), message.sender, caller.how)
@@ -147,6 +147,18 @@ class Dispatcher:
             return Response([str(exc)], ok=False)
         log.info("%s ran %r", ctx.actor, sanitise(words))
         return Response(lines)
+
+
+def rate_key(caller: Caller) -> str:
+    """Whose command budget a message spends: a known user's, whichever network
+    it came from; otherwise the sender's host on IRC (a new nick is free, a new
+    host is not) or the sender's handle elsewhere."""
+    if caller.user is not None:
+        return f"user:{caller.user.name}"
+    ident = caller.identity
+    if ident.protocol == "irc" and ident.hostmask and "@" in ident.hostmask:
+        return f"irc:{ident.network}:host:{ident.hostmask.rsplit('@', 1)[1].lower()}"
+    return f"{ident.protocol}:{ident.network}:{ident.handle}"
 
 
 # --- argument helpers -------------------------------------------------------
@@ -175,7 +187,7 @@ def parse_id(ctx: Context) -> int:
     if len(ctx.args) != 1:
         raise ctx.usage_error("expected one instance id")
     text = ctx.args[0].lstrip("#")
-    if not text.isdigit():
+    if not text.isdigit() or len(text) > 18:
         raise ctx.usage_error(f"bad instance id {sanitise(ctx.args[0], 30)!r}")
     return int(text)
 
@@ -215,6 +227,11 @@ async def cmd_launch(ctx: Context) -> list[str]:
     fields = parse_fields(ctx, ctx.args[1:])
     project = fields.get("project", spec.project)
     project = project if isinstance(project, str) else None
+    if spec.project and project != spec.project and not (project or "").startswith(spec.project + ":"):
+        # roles are checked on the project named: moving a process to another one would let
+        # a release manager of any project launch it
+        raise ctx.usage_error(f"{name} belongs to project {spec.project}; project= may name only it "
+                              "or one of its sub-projects")
     for role in spec.launch_roles or (ADMINS,):
         try:
             ctx.require(role, project)

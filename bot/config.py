@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from bot.access import User
+from bot.access import IrcIds, User
 from engine.definitions import ProcessSpec, collect_definitions
 from engine.engine import ScheduleSpec
 from engine.sourcefile import ConfigError, Node, Problem, load_yaml, parse_duration
@@ -97,7 +97,13 @@ def _names(value: Any) -> list[str] | None:
     return None
 
 
-def _load_users(path: Path, display: str) -> tuple[list[User], list[Problem]]:
+def _catch_all(mask: str) -> bool:
+    """A hostmask whose host part is only wildcards and dots matches (almost) anyone."""
+    host = mask.split("@", 1)[1] if "@" in mask else ""
+    return not host.strip("*?.") or not any(ch not in "*?." for ch in host)
+
+
+def _load_users(path: Path, display: str, irc_networks: set[str]) -> tuple[list[User], list[Problem]]:
     c = _Checker(display)
     try:
         data = load_yaml(path, display)
@@ -109,28 +115,53 @@ def _load_users(path: Path, display: str) -> tuple[list[User], list[Problem]]:
     if not isinstance(users_node, Node):
         c.problem(top.line_of("users") if "users" in top else 1, "users: expected a mapping of user name -> entry")
         return users, c.problems
+    owners: dict[tuple[str, str], str] = {}     # (where, identity) -> the user it already belongs to
+
+    def claim(line: int, name: str, where: str, identity: str, what: str) -> None:
+        owner = owners.setdefault((where, identity), name)
+        if owner != name:
+            c.problem(line, f"user {name!r}: {what} is already user {owner!r}'s (an identity belongs to one user)")
+
+    known = ", ".join(sorted(irc_networks)) or "none configured"
     for name, entry in users_node.items():
         line = users_node.line_of(name)
         e = c.mapping(entry, line, f"user {name!r}", ("irc", "xmpp", "email", "roles"))
-        irc = c.mapping(e.get("irc"), e.line_of("irc"), f"user {name!r} irc", ("accounts", "hostmasks"))
-        accounts = _names(irc.get("accounts", []))
-        hostmasks = _names(irc.get("hostmasks", []))
-        if accounts is None:
-            c.problem(irc.line_of("accounts"), f"user {name!r} irc accounts: expected a list of services accounts")
-        if hostmasks is None:
-            c.problem(irc.line_of("hostmasks"), f"user {name!r} irc hostmasks: expected a list of nick!user@host patterns")
-        for mask in hostmasks or ():
-            if "!" not in mask or "@" not in mask or mask.split("@", 1)[1] in ("*", ""):
-                c.problem(irc.line_of("hostmasks"), f"user {name!r}: hostmask {mask!r} must be nick!user@host "
-                                                    "with a real host part (it is the weaker, explicit fallback)")
+        irc: dict[str, IrcIds] = {}
+        irc_node = e.get("irc")
+        if irc_node is not None and not isinstance(irc_node, Node):
+            c.problem(e.line_of("irc"), f"user {name!r} irc: expected IRC network name -> {{accounts, hostmasks}}")
+        for net, ids_node in (irc_node.items() if isinstance(irc_node, Node) else ()):
+            nline = irc_node.line_of(net)
+            if net not in irc_networks:
+                c.problem(nline, f"user {name!r} irc: {net!r} is not an IRC network in bot.yaml ({known}); "
+                                 "accounts belong to one network: irc: {<network>: {accounts: [...]}}")
+                continue
+            ids = c.mapping(ids_node, nline, f"user {name!r} irc {net!r}", ("accounts", "hostmasks"))
+            accounts = _names(ids.get("accounts", []))
+            hostmasks = _names(ids.get("hostmasks", []))
+            if accounts is None:
+                c.problem(ids.line_of("accounts"), f"user {name!r} irc accounts: expected a list of services accounts")
+            if hostmasks is None:
+                c.problem(ids.line_of("hostmasks"), f"user {name!r} irc hostmasks: expected a list of nick!user@host patterns")
+            for account in accounts or ():
+                claim(ids.line_of("accounts"), name, f"irc:{net}", account.casefold(), f"IRC account {account!r} on {net}")
+            for mask in hostmasks or ():
+                if "!" not in mask or "@" not in mask or _catch_all(mask):
+                    c.problem(ids.line_of("hostmasks"), f"user {name!r}: hostmask {mask!r} must be nick!user@host "
+                                                        "with a real host part (it is the weaker, explicit fallback)")
+            irc[str(net)] = IrcIds(tuple(accounts or ()), tuple(hostmasks or ()))
         jids = _names(e.get("xmpp", []))
         if jids is None or any("@" not in j or "/" in j for j in jids or ()):
             c.problem(e.line_of("xmpp"), f"user {name!r} xmpp: expected bare JIDs like alice@example.org")
             jids = []
+        for jid in jids:
+            claim(e.line_of("xmpp"), name, "xmpp", jid.lower(), f"XMPP address {jid!r}")
         emails = _names(e.get("email", []))
         if emails is None or any("@" not in m for m in emails or ()):
             c.problem(e.line_of("email"), f"user {name!r} email: expected addresses")
             emails = []
+        for mail in emails:
+            claim(e.line_of("email"), name, "email", mail.lower(), f"email address {mail!r}")
         roles: dict[str, frozenset[str]] = {}
         roles_node = e.get("roles", {})
         if not isinstance(roles_node, dict):
@@ -143,8 +174,7 @@ def _load_users(path: Path, display: str) -> tuple[list[User], list[Problem]]:
                               f"user {name!r} roles on {project!r}: expected a list of role names")
                     continue
                 roles[str(project)] = frozenset(rl)
-        users.append(User(str(name), tuple(accounts or ()), tuple(hostmasks or ()), tuple(jids or ()),
-                          tuple(emails or ()), roles))
+        users.append(User(str(name), irc, tuple(jids or ()), tuple(emails or ()), roles))
     return users, c.problems
 
 
@@ -190,17 +220,6 @@ def load_config(conf_dir: Path, participants: frozenset[str] | None) -> BotConfi
         except ValueError as exc:
             c.problem(rate.line_of("per"), f"per: {exc}")
 
-    users_file = conf_dir / "users.yaml"
-    users: list[User] = []
-    users_parsed = True
-    if users_file.exists():
-        users, found = _load_users(users_file, _display(users_file, home))
-        problems += found
-        users_parsed = not any(p.message.startswith("YAML syntax") for p in found)
-    if users_parsed and console_user not in {u.name for u in users}:
-        line = console.line_of("user") if "user" in console else top.line
-        c.problem(line, f"console user {console_user!r} is not defined in users.yaml")
-
     specs, found, process_names = collect_definitions(conf_dir / "processes", participants, base=home)
     problems += found
     if not (conf_dir / "processes").is_dir():
@@ -240,6 +259,7 @@ def load_config(conf_dir: Path, participants: frozenset[str] | None) -> BotConfi
         c.problem(top.line_of("networks"), "networks: expected a list")
         net_node = []
     names: set[str] = set()
+    irc_names: set[str] = set()
     for item in net_node:
         if not isinstance(item, Node) or item.get("protocol") not in PROTOCOLS:
             line = item.line_of("protocol") if isinstance(item, Node) else top.line_of("networks")
@@ -261,6 +281,19 @@ def load_config(conf_dir: Path, participants: frozenset[str] | None) -> BotConfi
                 c.problem(item.line, f"network name {cfg.name!r} used twice")
             names.add(cfg.name)
             networks.append(cfg)
+            if item["protocol"] == "irc":
+                irc_names.add(cfg.name)
+
+    users_file = conf_dir / "users.yaml"
+    users: list[User] = []
+    users_parsed = True
+    if users_file.exists():
+        users, found = _load_users(users_file, _display(users_file, home), irc_names)
+        problems += found
+        users_parsed = not any(p.message.startswith("YAML syntax") for p in found)
+    if users_parsed and console_user not in {u.name for u in users}:
+        line = console.line_of("user") if "user" in console else top.line
+        c.problem(line, f"console user {console_user!r} is not defined in users.yaml")
 
     problems += c.problems
     if problems:

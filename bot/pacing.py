@@ -45,6 +45,8 @@ class Cooldown:
     cannot turn into a flood of refusals (which the bot would then have to
     pace out to the whole channel)."""
 
+    MAX_KEYS = 4096
+
     limit: int
     window: float
     clock: Clock = time.monotonic
@@ -54,6 +56,9 @@ class Cooldown:
     def admit(self, key: str) -> str:
         """``"ok"`` (counted), ``"refuse"`` (say so) or ``"quiet"`` (already told)."""
         now = self.clock()
+        if len(self._hits) > self.MAX_KEYS:            # forget senders whose window has passed
+            self._hits = {k: v for k, v in self._hits.items() if v and now - v[-1] < self.window}
+            self._refused = {k: t for k, t in self._refused.items() if now - t < self.window}
         hits = [t for t in self._hits.get(key, ()) if now - t < self.window]
         self._hits[key] = hits
         if len(hits) < self.limit:

@@ -42,13 +42,13 @@ users:
       "*": [admins]
   carol:
     irc:
-      accounts: [carol]
+      testirc: {accounts: [carol]}
     xmpp: [alice@localhost]
     roles:
       "*": [admins]
   dave:
     irc:
-      accounts: [dave]
+      testirc: {accounts: [dave]}
     roles:
       "Other": [release-managers]
 """
@@ -187,7 +187,7 @@ async def test_humans_on_irc_and_xmpp_drive_one_engine_as_themselves_and_no_one_
 
 @pytest.mark.servers
 def test_refused_credentials_stop_the_bot_with_one_line(tmp_path: Path, prosody: Prosody) -> None:
-    home = make_home(tmp_path, {"waits": WAITS}, users=USERS, bot_extra=textwrap.dedent(f"""
+    home = make_home(tmp_path, {"waits": WAITS}, bot_extra=textwrap.dedent(f"""
         networks:
           - protocol: xmpp
             name: testxmpp

@@ -3,12 +3,13 @@ identities and per-project roles; refusals are explained, logged, and
 change nothing."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 import pytest
 
-from bot.access import Directory, User
+from bot.access import Directory, IrcIds, User
 from bot.chat import UNVERIFIED, VERIFIED_JID, VERIFIED_SERVICES, Identity, Message, Room
 from bot.commands import Dispatcher, default_registry
 from bot.config import load_config
@@ -39,7 +40,11 @@ async def setup(tmp_path: Path):  # type: ignore[no-untyped-def]
     engine = Engine(store, config.specs, registry, clock=ManualClock(), use_scheduler=False)
     await engine.start()
     clock = Clock()
-    dispatcher = Dispatcher(engine, Directory(config.users), default_registry(), cooldown=Cooldown(5, 10, clock))
+    # the shipped users, with the IRC identities its comments show for the "libera" network
+    on_libera = {"alice": IrcIds(("alice",)), "bob": IrcIds(("bob",), ("bob!~bob@build.example.org",))}
+    users = [dataclasses.replace(u, irc={"libera": on_libera[u.name]}) if u.name in on_libera else u
+             for u in config.users]
+    dispatcher = Dispatcher(engine, Directory(users), default_registry(), cooldown=Cooldown(5, 10, clock))
     yield dispatcher, engine, clock
     await engine.stop()
     store.close()
@@ -80,6 +85,11 @@ async def test_whoami_tells_how_the_caller_was_verified(setup) -> None:  # type:
         "al on libera is alice, verified by services account; roles: Project: release-managers"]
     assert await say(dispatcher, irc("bob", None, "build.example.org"), "whoami") == [
         "bob on libera is bob, verified by hostmask (weaker); roles: Project:Devel: publishers"]
+    # an account name means something only on the network it was configured for
+    elsewhere = Identity("irc", "oftc", "al", account="alice", verified_by=VERIFIED_SERVICES,
+                         hostmask="bob!~bob@build.example.org")
+    assert await say(dispatcher, elsewhere, "whoami", Room("irc", "oftc", "#ops")) == [
+        "al on oftc: account 'alice' (services account) is not a known user"]
     assert await say(dispatcher, irc("eve", None), "whoami") == ["eve on libera: not identified (not verified)"]
     assert await say(dispatcher, irc("mallory", "mallory"), "whoami") == [
         "mallory on libera: account 'mallory' (services account) is not a known user"]
@@ -98,7 +108,14 @@ async def test_roles_are_per_project_and_inherited_from_parents(setup) -> None: 
     assert line.startswith("not authorised: launching hello needs role 'admins' or 'release-managers' or")
     # ... unless the launch names a project where he has the role
     assert await say(dispatcher, bob, "launch hello project=Project:Devel:Tools") == ["launched hello as #2"]
-    assert [r.id for r in await engine.instances(include_finished=True)] == [2, 1]
+    # a process that belongs to a project cannot be moved to another one to pass the role check
+    for project in ("Other", "Project", "Project:Develop"):
+        [line] = await say(dispatcher, alice, f"launch parallel-checks project={project}")
+        assert line.startswith("parallel-checks belongs to project Project:Devel; project= may name only it "
+                               "or one of its sub-projects. Usage: launch"), line
+    assert await say(dispatcher, alice, "launch parallel-checks project=Project:Devel:Tools") == [
+        "launched parallel-checks as #3"]
+    assert [r.id for r in await engine.instances(include_finished=True)] == [3, 2, 1]
 
 
 async def test_cancel_and_retry_need_a_launch_role_on_the_instances_project(setup) -> None:  # type: ignore[no-untyped-def]
@@ -141,6 +158,24 @@ async def test_commands_are_rate_limited_per_user(setup) -> None:  # type: ignor
     for _ in range(4):
         await say(dispatcher, alice, "help")
     assert (await say(dispatcher, alice, "help"))[0].startswith("slow down")   # a new window: told again
+    on_xmpp = Identity("xmpp", "jabber", "alice@example.org/laptop", account="alice@example.org",
+                       verified_by=VERIFIED_JID)
+    assert await say(dispatcher, on_xmpp, "help", None) == []          # one budget per user, all networks
+
+
+async def test_every_addressed_message_spends_the_budget_and_new_nicks_do_not_reset_it(
+        setup) -> None:  # type: ignore[no-untyped-def]
+    dispatcher, engine, clock = setup
+    stranger = irc("x0", None, "flood.example.net")
+    for text in ("nonsense", "'unterminated", "", "show 999999999999999999999", "help"):
+        assert (await say(dispatcher, stranger, text)) != []
+    [line] = await say(dispatcher, stranger, "bogus")
+    assert line.startswith("slow down")
+    for i in range(1, 20):                                             # same host, fresh nicks: still limited
+        assert await say(dispatcher, irc(f"x{i}", None, "flood.example.net"), f"!x{i}") == []
+    assert (await say(dispatcher, irc("y", None, "elsewhere.example.net"), "help"))[0].startswith("commands:")
+    clock.t += 10
+    assert (await say(dispatcher, irc("x99", None, "flood.example.net"), "help"))[0].startswith("commands:")
 
 
 def test_user_roles_inherit_and_admins_may_do_everything() -> None:
@@ -149,6 +184,13 @@ def test_user_roles_inherit_and_admins_may_do_everything() -> None:
     assert user.roles_on("Foobar") == {"viewers"}
     assert not user.has_role("publishers", "Other")
     assert User("root", roles={"*": frozenset({"admins"})}).has_role("anything", "Any:Where")
-    directory = Directory([User("x", irc_hostmasks=("x!~x@good.example.org",))])
+    directory = Directory([User("x", irc={"libera": IrcIds(hostmasks=("x!~x@good.example.org",))})])
     assert directory.resolve(irc("x", None, "good.example.org")).user is not None
     assert directory.resolve(irc("x", None, "evil.example.org")).user is None
+
+
+async def test_an_instance_id_too_big_for_sqlite_is_bad_input(setup) -> None:  # type: ignore[no-untyped-def]
+    dispatcher, _, _ = setup
+    for command in ("show", "history", "cancel", "retry"):
+        [line] = await say(dispatcher, irc("alice", "alice"), f"{command} 99999999999999999999")
+        assert line.startswith("bad instance id '99999999999999999999'. Usage: "), line

@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from bot.access import Directory, User
+from bot.access import Directory, IrcIds, User
 from bot.chat import Identity, Message, Room, TransportError
 from bot.commands import Dispatcher, default_registry
 from bot.config import load_config
@@ -205,7 +205,7 @@ async def test_commands_by_prefix_by_nick_and_in_private_are_answered_where_they
 async def test_output_longer_than_a_room_allows_goes_to_the_caller_privately(
         ngircd: Ngircd, bots: BotFactory, humans: Any, engine: Engine) -> None:
     # ngircd has no services: this admin is recognised by an explicitly listed hostmask
-    admin = User("dave", irc_hostmasks=("dave!~dave@127.0.0.1",), roles=ADMINS)
+    admin = User("dave", irc={NET: IrcIds(hostmasks=("dave!~dave@127.0.0.1",))}, roles=ADMINS)
     await bots(fast(ngircd.port), users=[admin])
     human = await humans(ngircd.port, "dave")
     await human.join("#ops")
@@ -382,7 +382,7 @@ async def test_a_wrong_sasl_password_is_logged_and_the_bot_still_serves(
 
 async def test_whoami_shows_the_services_account_of_a_sasl_user(
         insp: InspircdAnope, bots: BotFactory, humans: Any) -> None:
-    await bots(config(insp.port), users=[User("boss", irc_accounts=("boss",), roles=ADMINS)])
+    await bots(config(insp.port), users=[User("boss", irc={NET: IrcIds(("boss",))}, roles=ADMINS)])
     human = await humans(insp.helper_port, "bossman", sasl=BOSS)       # any nick: the account counts
     await human.join("#ops")
     reply = await human.ask("#ops", "!whoami", BOT)
@@ -392,7 +392,7 @@ async def test_whoami_shows_the_services_account_of_a_sasl_user(
 async def test_an_impostor_with_the_admins_nick_is_refused_and_the_refusal_logged(
         insp: InspircdAnope, bots: BotFactory, humans: Any, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, "bot.commands")
-    await bots(config(insp.port), users=[User("boss", irc_accounts=("boss",), roles=ADMINS)])
+    await bots(config(insp.port), users=[User("boss", irc={NET: IrcIds(("boss",))}, roles=ADMINS)])
     boss = await humans(insp.helper_port, "boss", sasl=BOSS)
     await boss.join("#ops")
     assert (await boss.ask("#ops", "!ps", BOT)).text == "boss: no running, waiting or failed instances"
@@ -417,7 +417,7 @@ async def test_without_account_tag_accounts_come_from_extended_join_account_noti
     await early.join("#track")
     caps = tuple(c for c in DEFAULT_CAPS if c != "account-tag")
     await bots(config(insp.port, channels=("#track",), request_caps=caps),
-               users=[User("alice", irc_accounts=("alice",)), User("boss", irc_accounts=("boss",), roles=ADMINS)])
+               users=[User("alice", irc={NET: IrcIds(("alice",))}), User("boss", irc={NET: IrcIds(("boss",))}, roles=ADMINS)])
     assert (await early.ask("#track", "!whoami", BOT)).text.startswith(
         "early: early on testnet is alice, verified by services")
 

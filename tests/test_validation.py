@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from bot.access import IrcIds
 from bot.config import load_config
 from engine.definitions import load_definitions
 from engine.participants import ParticipantRegistry
@@ -594,8 +595,19 @@ def test_commands_prefix_is_every_networks_default_prefix(tmp_path: Path, monkey
 
 # -- users.yaml --------------------------------------------------------------------
 
+ONE_IRC_NETWORK = """
+    console: {user: admin}
+    networks:
+      - protocol: irc
+        name: libera
+        host: 127.0.0.1
+        nick: rb
+        tls: false
+    """
+
+
 def test_users_problems(tmp_path: Path) -> None:
-    assert problems(tmp_path, {"users.yaml": """
+    assert problems(tmp_path, {"bot.yaml": ONE_IRC_NETWORK, "users.yaml": """
         users:
           admin:
             roles:
@@ -603,21 +615,32 @@ def test_users_problems(tmp_path: Path) -> None:
           alice:
             xmpp: [alice]
             irc:
-              hostmasks: ["alice!~alice@"]
+              libera: {hostmasks: ["alice!~alice@"]}
           bob:
             xmpp: ["bob@example.org/laptop"]
             irc:
-              hostmasks: ["bob!bob@*"]
+              libera: {hostmasks: ["bob!bob@*"]}
             roles:
               "Project": {publisher: yes}
           carol:
-            irc: {hostmasks: ["carol@example.org"]}
+            irc: {libera: {hostmasks: ["carol@example.org", "*!*@*.*", "c!c@?*"]}}
             email: [carol]
             roles: [admins]
           dave:
             phone: 123
             roles:
               "*": 5
+          erin:
+            irc:
+              accounts: [erin]
+              oftc: {accounts: [erin]}
+              libera: [erin]
+          mallory:
+            irc: {libera: {accounts: [ALICE, mallory]}}
+            xmpp: [Erin@example.org]
+          frank:
+            irc: {libera: {accounts: [alice]}}
+            xmpp: [erin@example.org]
         """}) == [
         "conf/users.yaml:6: user 'alice' xmpp: expected bare JIDs like alice@example.org",
         "conf/users.yaml:8: user 'alice': hostmask 'alice!~alice@' must be nick!user@host with a real host "
@@ -626,22 +649,35 @@ def test_users_problems(tmp_path: Path) -> None:
         "conf/users.yaml:12: user 'bob': hostmask 'bob!bob@*' must be nick!user@host with a real host "
         "part (it is the weaker, explicit fallback)",
         "conf/users.yaml:14: user 'bob' roles on 'Project': expected a list of role names",
+        "conf/users.yaml:16: user 'carol': hostmask '*!*@*.*' must be nick!user@host with a real "
+        "host part (it is the weaker, explicit fallback)",
+        "conf/users.yaml:16: user 'carol': hostmask 'c!c@?*' must be nick!user@host with a real "
+        "host part (it is the weaker, explicit fallback)",
         "conf/users.yaml:16: user 'carol': hostmask 'carol@example.org' must be nick!user@host with a real "
         "host part (it is the weaker, explicit fallback)",
         "conf/users.yaml:17: user 'carol' email: expected addresses",
         "conf/users.yaml:18: user 'carol' roles: expected project -> [roles] (use '*' for every project)",
         "conf/users.yaml:20: unknown key 'phone' in user 'dave' (expected irc, xmpp, email, roles)",
         "conf/users.yaml:22: user 'dave' roles on '*': expected a list of role names",
+        "conf/users.yaml:25: user 'erin' irc: 'accounts' is not an IRC network in bot.yaml (libera); "
+        "accounts belong to one network: irc: {<network>: {accounts: [...]}}",
+        "conf/users.yaml:26: user 'erin' irc: 'oftc' is not an IRC network in bot.yaml (libera); "
+        "accounts belong to one network: irc: {<network>: {accounts: [...]}}",
+        "conf/users.yaml:27: user 'erin' irc 'libera': expected a mapping",
+        "conf/users.yaml:32: user 'frank': IRC account 'alice' on libera is already user 'mallory''s "
+        "(an identity belongs to one user)",
+        "conf/users.yaml:33: user 'frank': XMPP address 'erin@example.org' is already user 'mallory''s "
+        "(an identity belongs to one user)",
     ]
 
 
 def test_users_valid_forms(tmp_path: Path) -> None:
-    home = make_home(tmp_path, {"users.yaml": """
+    home = make_home(tmp_path, {"bot.yaml": ONE_IRC_NETWORK, "users.yaml": """
         users:
           admin:
             roles: {"*": admins}
           bob:
-            irc: {accounts: bob, hostmasks: ["bob!~bob@*.example.org"]}
+            irc: {libera: {accounts: bob, hostmasks: ["bob!~bob@*.example.org"]}}
             xmpp: bob@example.org
             email: [bob@example.org]
             roles: {"Project:Devel": [publishers, testers]}
@@ -649,7 +685,7 @@ def test_users_valid_forms(tmp_path: Path) -> None:
     users = {u.name: u for u in load_config(home / "conf", PARTICIPANTS).users}
     assert users["admin"].roles == {"*": frozenset({"admins"})}
     assert users["bob"].xmpp_jids == ("bob@example.org",)
-    assert users["bob"].irc_accounts == ("bob",)
+    assert users["bob"].irc == {"libera": IrcIds(("bob",), ("bob!~bob@*.example.org",))}
 
 
 USERS_YAML_ERRORS = [
