@@ -219,6 +219,10 @@ def load_config(conf_dir: Path, participants: frozenset[str] | None) -> BotConfi
             rate_window = parse_duration(rate["per"])
         except ValueError as exc:
             c.problem(rate.line_of("per"), f"per: {exc}")
+        else:
+            if rate_window < 1:
+                c.problem(rate.line_of("per"), "per: at least 1s (a shorter window turns the limit off)")
+                rate_window = 10.0
 
     specs, found, process_names = collect_definitions(conf_dir / "processes", participants, base=home)
     problems += found

@@ -463,6 +463,14 @@ def test_bot_bad_values(tmp_path: Path) -> None:
     ]
 
 
+def test_a_rate_limit_window_too_short_to_limit_anything_is_refused(tmp_path: Path) -> None:
+    assert problems(tmp_path, {"bot.yaml": """
+        console: {user: admin}
+        commands:
+          rate_limit: {commands: 5, per: 0s}
+        """}) == ["conf/bot.yaml:3: per: at least 1s (a shorter window turns the limit off)"]
+
+
 def test_bot_yaml_duplicate_key_and_syntax_error(tmp_path: Path) -> None:
     assert problems(tmp_path, {"bot.yaml": "console:\n  user: admin\nconsole:\n  user: admin\n"}) == [
         "conf/bot.yaml:3: YAML syntax: duplicate key 'console'"]
