@@ -48,6 +48,7 @@ async def serve(conf: Path, console: bool) -> int:
     from bot.app import App
     from bot.chat import TransportError
     from engine.sourcefile import ConfigError
+    from engine.store import StoreError
 
     try:
         config, registry = load(conf)
@@ -74,7 +75,7 @@ async def serve(conf: Path, console: bool) -> int:
         extra.append(terminal)
     try:
         await app.start(extra)
-    except TransportError as exc:
+    except (TransportError, StoreError) as exc:   # a network refuses us, or the database is unusable
         print(f"refusing to start: {exc}", file=sys.stderr)
         return 1
     if console:

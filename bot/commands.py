@@ -200,6 +200,8 @@ def when(ts: float | None) -> str:
 
 # --- the commands -----------------------------------------------------------
 
+PS_LIMIT = 50      # newest first; a chat line costs up to a second on a paced network
+
 @command("help [command]", "list commands, or show how to use one", privileged=False)
 async def cmd_help(ctx: Context) -> list[str]:
     if ctx.args:
@@ -249,11 +251,15 @@ async def cmd_launch(ctx: Context) -> list[str]:
 async def cmd_ps(ctx: Context) -> list[str]:
     if ctx.args not in ([], ["all"]):
         raise ctx.usage_error("unexpected arguments")
-    rows = await ctx.engine.instances(include_finished=bool(ctx.args))
+    rows = await ctx.engine.instances(include_finished=bool(ctx.args), limit=PS_LIMIT)
     if not rows:
         return ["no instances" if ctx.args else "no running, waiting or failed instances"]
-    return [f"#{r.id} {r.process} {r.status}" + (f" - {r.waiting_on}" if r.waiting_on else "")
-            + f" (since {when(r.updated)})" for r in rows]
+    lines = [f"#{r.id} {r.process} {r.status}" + (f" - {r.waiting_on}" if r.waiting_on else "")
+             + f" (since {when(r.updated)})" for r in rows]
+    total = await ctx.engine.instance_count(include_finished=bool(ctx.args))
+    if total > len(rows):      # the list is capped: say so rather than cut it silently
+        lines.append(f"... and {total - len(rows)} older (show <id> for any of them)")
+    return lines
 
 
 @command("show <id>", "an instance's state, fields, pending steps and timers")

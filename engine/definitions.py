@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from engine.sourcefile import ConfigError, Node, NodeList, Problem, loads_yaml, parse_duration
+from engine.sourcefile import (MAX_DURATION, MAX_DURATION_TEXT, ConfigError, Node, NodeList, Problem,
+                               format_duration, loads_yaml, parse_duration)
 from engine.templating import check_expression, check_template
 
 EXPRESSIONS = ("participant", "sequence", "concurrence", "if", "wait", "repeat",
@@ -127,6 +128,7 @@ class _Parser:
         self.steps: dict[str, StepSpec] = {}
         self.parents: dict[str, str] = {}
         self.subprocess_refs: list[tuple[str, int]] = []
+        self.labels: dict[str, int] = {}     # step id -> line where it is first used
 
     def problem(self, line: int, message: str) -> None:
         self.problems.append(Problem(self.file, line, message))
@@ -154,6 +156,12 @@ class _Parser:
                     self.problem(value.line_of("retry"), f"{what}: retry must be a whole number from 1 to 100")
                     retries = 1
                 backoff = self.duration(value.get("backoff", "10s"), value.line_of("backoff"), f"{what} backoff")
+                if backoff is not None and backoff * 2 ** (retries - 1) > MAX_DURATION:
+                    # the backoff doubles: the last wait must stay a time a timer can be armed for
+                    self.problem(value.line_of("retry"),
+                                 f"{what}: the last of {retries} retries would wait "
+                                 f"{format_duration(backoff * 2 ** (retries - 1))}, more than "
+                                 f"{MAX_DURATION_TEXT}; use fewer retries or a shorter backoff")
                 then = self.policy(value.get("then", "error"), value.line_of("then"), f"{what} then", False)
                 return Policy("retry", retries=retries, backoff=backoff or 0.0, then=then)
         forms = "error, skip, {retry: N, backoff: 10s, then: skip}, or {subprocess: NAME}" if allow_retry \
@@ -169,7 +177,8 @@ class _Parser:
         return value
 
     def timers(self, value: Any, line: int) -> tuple[tuple[tuple[float, str], ...], float | None]:
-        """'4h: remind, 1d: escalate, 2d: timeout' -> named timers, and the timeout."""
+        """'4h: remind, 1d: escalate, 2d: timeout' -> named timers, and the timeout.
+        A name may come back ('4h: remind, 8h: remind'): each is a timer of its own."""
         if not isinstance(value, str):
             self.problem(line, f"timers: expected a string like '4h: remind, 2d: timeout', got {value!r}")
             return (), None
@@ -335,10 +344,16 @@ class _Parser:
     def common(self, node: Node, kind: str) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if "id" in node:
-            if not isinstance(node["id"], str) or not _NAME.match(node["id"]):
-                self.problem(node.line_of("id"), f"id: expected a simple name, got {node['id']!r}")
+            label = node["id"]
+            if not isinstance(label, str) or not _NAME.match(label):
+                self.problem(node.line_of("id"), f"id: expected a simple name, got {label!r}")
+            elif label in self.labels:
+                # people (and approvals) name a step by its id: it must say which step
+                self.problem(node.line_of("id"), f"id {label!r} is already used by the step at line "
+                                                 f"{self.labels[label]}")
             else:
-                out["label"] = node["id"]
+                self.labels[label] = node.line
+                out["label"] = label
         timeout = None
         if "timers" in node:
             named, timeout = self.timers(node["timers"], node.line_of("timers"))
@@ -349,6 +364,11 @@ class _Parser:
             timeout = self.duration(node["timeout"], node.line_of("timeout"), "timeout")
         if timeout is not None:
             out["timeout"] = timeout
+            for seconds, name in out.get("timers", ()):
+                if seconds >= timeout:
+                    self.problem(node.line_of("timers"),
+                                 f"timers: {name} at {format_duration(seconds)} can never fire: the step "
+                                 f"times out at {format_duration(timeout)}")
         if "on_timeout" in node:
             if timeout is None:
                 self.problem(node.line_of("on_timeout"), "on_timeout without a timeout")
@@ -443,6 +463,42 @@ def parse_definition(data: Any, file: str, stem: str, participants: frozenset[st
     return spec, p.problems
 
 
+def subprocess_cycles(specs: Iterable[ProcessSpec]) -> list[Problem]:
+    """Every subprocess reference that closes a cycle (``a`` calls ``b`` calls
+    ``a``): such a process would start subprocesses without end.  Each is
+    reported at its own line with the shortest cycle through it."""
+    by_name = {spec.name: spec for spec in specs}
+    calls = {name: [(target, line) for target, line in spec.subprocesses() if target in by_name]
+             for name, spec in by_name.items()}
+
+    def path(start: str, goal: str) -> list[str] | None:
+        """The shortest chain of calls from ``start`` to ``goal``."""
+        came_from: dict[str, str | None] = {start: None}
+        todo = [start]
+        for name in todo:              # breadth first: todo grows while it is walked
+            if name == goal:
+                chain: list[str] = []
+                at: str | None = name
+                while at is not None:
+                    chain.append(at)
+                    at = came_from[at]
+                return chain[::-1]
+            for target, _line in calls[name]:
+                if target not in came_from:
+                    came_from[target] = name
+                    todo.append(target)
+        return None
+
+    found: dict[Problem, None] = {}
+    for name, refs in calls.items():
+        for target, line in refs:
+            back = path(target, name)
+            if back is not None:
+                cycle = " -> ".join([name, *back])
+                found[Problem(by_name[name].file, line, f"subprocess cycle: {cycle}")] = None
+    return list(found)
+
+
 def collect_definitions(directory: Path, participants: frozenset[str] | None = None,
                         base: Path | None = None) -> tuple[dict[str, ProcessSpec], list[Problem], set[str]]:
     """Parse every ``*.yaml``/``*.yml`` in ``directory``: the valid specs, every
@@ -478,6 +534,7 @@ def collect_definitions(directory: Path, participants: frozenset[str] | None = N
         for name, line in spec.subprocesses():
             if name not in names:
                 problems.append(Problem(spec.file, line, f"subprocess {name!r} is not a known process"))
+    problems.extend(subprocess_cycles([spec for spec, _ok in parsed]))
     return {s.name: s for s, ok in parsed if ok}, problems, names
 
 

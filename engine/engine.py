@@ -25,7 +25,7 @@ from engine.definitions import ProcessSpec, parse_definition
 from engine.errors import EngineError, NoSuchInstance, NoSuchWorkitem, NotAllowedNow, UnknownProcess
 from engine.events import Event, EventBus
 from engine.instances import (ACTIVE, CancelInstance, ChildFinished, Instance, Launch, Status, TimerKey,
-                              Transition)
+                              Transition, event_name)
 from engine.participants import ParticipantRegistry, Reply, Workitem
 from engine.sourcefile import loads_yaml
 from engine.store import InstanceRow, Op, Store, TimerRow, WorkitemRow, dumps
@@ -34,6 +34,11 @@ from engine.timers import Clock, SystemClock, TimerService, next_cron
 log = logging.getLogger(__name__)
 
 _ACTIVE_NAMES = frozenset(s.value for s in ACTIVE)
+# A subprocess starts in the same transition as the step that calls it, so a
+# cycle of definitions (a calls b calls a) would build instances without end
+# and never yield.  Validation reports cycles; this bounds what slips past it
+# (an instance running an earlier version of a definition, say).
+MAX_SUBPROCESS_DEPTH = 32
 Action = Callable[[Instance | None, Transition], Any]
 
 
@@ -216,6 +221,10 @@ class Engine:
                     pass
         return [self._summary(r) for r in rows]
 
+    async def instance_count(self, include_finished: bool = False) -> int:
+        """How many instances ``instances`` would list without its limit."""
+        return await self.store.count_instances(include_finished)  # type: ignore[no-any-return]
+
     async def summary(self, instance_id: int) -> InstanceSummary:
         rows = await self.store.load_instances([instance_id])
         if not rows:
@@ -245,7 +254,7 @@ class Engine:
         timers = []
         for t in await self.store.timers_of(instance_id):
             step = spec.steps.get(t.path) if spec else None
-            timers.append((t.name if t.kind == "event" else t.kind,
+            timers.append((event_name(t.name) if t.kind == "event" else t.kind,
                            step.name if step else (t.path or "process"), t.due, bool(t.fired)))
         children = [int(r["c"]) for r in row.runs.values() if "c" in r]
         return InstanceDetail(self._summary(row), row.fields, steps, timers, children)
@@ -361,9 +370,14 @@ class Engine:
         name, source = stored
         old, problems = parse_definition(loads_yaml(source, f"{name}@{row.definition}"),
                                          f"{name}@{row.definition}", name, None, source)
-        if old is None or problems:
+        if old is None:
             raise EngineError(f"#{row.id}: stored definition {name}@{row.definition} does not load: "
                               + "; ".join(map(str, problems)))
+        if problems:
+            # it passed the checks of the bot that launched it; a later bot's stricter
+            # checks are for new launches, not a reason to strand what already runs
+            log.warning("#%d: stored definition %s@%s fails today's checks (%s); running it as stored",
+                        row.id, name, row.definition, "; ".join(map(str, problems)))
         log.info("#%d runs on an earlier version of %s (%s)", row.id, name, row.definition)
         self._old_specs[old.digest] = old
         return old
@@ -415,6 +429,15 @@ class Engine:
                                                   item.parent[1] if item.parent else "", item.instance_id,
                                                   False, {}, f"cannot start: unknown process {item.process!r}"))
                 return
+            depth = await self._depth(item.parent[0])
+            if depth > MAX_SUBPROCESS_DEPTH:
+                log.error("#%d %s: subprocess %s not started: nested %d deep (a subprocess cycle?)",
+                          item.parent[0], item.parent[1], item.process, depth)
+                tx.followups.append(ChildFinished(
+                    item.parent[0], item.parent[1], item.instance_id, False, {},
+                    f"cannot start: {item.process!r} would be nested more than {MAX_SUBPROCESS_DEPTH} "
+                    "subprocesses deep (a subprocess cycle?)"))
+                return
             child = self._new_instance(item.instance_id, spec, item.fields, item.parent)
             child.start(tx, item.actor)
         elif isinstance(item, ChildFinished):
@@ -425,6 +448,18 @@ class Engine:
             cancelled = await self._get(item.instance_id)
             if cancelled is not None and not cancelled.status.finished:
                 cancelled.cancel(tx, item.actor)
+
+    async def _depth(self, parent_id: int) -> int:
+        """How deep a subprocess of ``parent_id`` would be: 1 under a top-level
+        instance.  Counts no further than one past the limit."""
+        depth, iid = 1, parent_id
+        while depth <= MAX_SUBPROCESS_DEPTH:
+            inst = await self._get(iid)
+            if inst is None or inst.parent is None:
+                break
+            depth += 1
+            iid = inst.parent[0]
+        return depth
 
     def _evict(self, tx: Transition) -> None:
         for iid in tx.touched:
@@ -530,6 +565,11 @@ class Engine:
             await self.store.commit([self.store.workitem_delete_op([r.key for r in rows])])
 
     async def _deliver_timer(self, timer: TimerKey, key: str | None) -> None:
+        """Hand a fired event timer to its participant.  The timer row goes only
+        with what the delivery caused: in the transition applying the
+        participant's answer, or after the call when there is none.  A crash
+        before that leaves it marked fired, and ``start`` delivers it again (at
+        least once: the workitem key and the timer name identify it)."""
         rows = await self.store.workitems(instance_id=timer.instance_id)
         row = next((r for r in rows if r.path == timer.path and r.state != "cancelling"
                     and (key is None or r.key == key)), None)
@@ -538,17 +578,24 @@ class Engine:
             participant = self.participants.get(row.participant)
             if participant is not None:
                 try:
-                    reply = await participant.on_timer(_workitem(row), timer.name)
+                    reply = await participant.on_timer(_workitem(row), timer.event)
                 except Exception:
                     log.exception("#%d %s: participant %s failed on timer %s", row.instance_id, row.step,
-                                  row.participant, timer.name)
-        await self.store.commit([self.store.timer_delete_op(
-            [(timer.instance_id, timer.path, timer.kind, timer.name)])])
-        if reply is not None and row is not None:
-            try:
-                await self.reply(row.key, reply, actor=f"timer {timer.name}")
-            except NoSuchWorkitem:
-                pass
+                                  row.participant, timer.event)
+        if reply is not None and reply.kind not in ("done", "failed"):
+            log.warning("#%d %s: timer %s answered %s; only done or failed answer a step",
+                        timer.instance_id, row.step if row else timer.path, timer.event, reply.kind)
+            reply = None
+        if reply is None or row is None:
+            await self.store.commit([self.store.timer_delete_op(
+                [(timer.instance_id, timer.path, timer.kind, timer.name)])])
+            return
+        path, wkey, answer, actor = row.path, row.key, reply, f"timer {timer.event}"
+
+        def act(inst: Instance | None, tx: Transition) -> bool:
+            tx.timer_ops.append(("del", timer, 0.0))   # first: the answer may re-arm the same timer
+            return inst.on_reply(tx, path, wkey, answer, actor) if inst else False
+        await self._transact([(timer.instance_id, act)])
 
     # -- timers and schedules ----------------------------------------------------
 

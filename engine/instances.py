@@ -24,6 +24,7 @@ from engine.definitions import ProcessSpec, StepSpec
 from engine.errors import NotAllowedNow
 from engine.events import Event
 from engine.participants import Reply, Workitem
+from engine.sourcefile import MAX_DURATION, MAX_DURATION_TEXT
 from engine.templating import TemplateProblem, evaluate, render
 
 
@@ -53,7 +54,17 @@ class TimerKey:
     instance_id: int
     path: str
     kind: str        # timeout | wait | retry | event | schedule
-    name: str = ""
+    name: str = ""   # event timers: the name, plus "#N" for its Nth use in one step
+
+    @property
+    def event(self) -> str:
+        """What the participant is told: the name as the definition gives it."""
+        return event_name(self.name)
+
+
+def event_name(stored: str) -> str:
+    """'remind#2' (the second 'remind' of a step) -> 'remind'."""
+    return stored.partition("#")[0]
 
 
 @dataclass
@@ -172,7 +183,7 @@ class Instance:
         if timer.kind == "event":
             # an event timer stays (marked fired) until the participant has it: at-least-once
             if run is not None and step is not None and run["s"] in (DISPATCHED, PENDING):
-                self._history(step, f"timer {timer.name}")
+                self._history(step, f"timer {timer.event}")
                 tx.timer_ops.append(("fired", timer, 0.0))
                 tx.deliveries.append((timer, run["k"]))
             else:
@@ -199,8 +210,14 @@ class Instance:
         step = self.spec.steps[note.parent_path]
         if note.ok:
             del run["c"]
-            self._scope(step).update(note.fields)
             what = "handler" if run["s"] == HANDLING else "subprocess"
+            fields = note.fields
+            if what == "handler":
+                # ``error`` described the failure to the handler; the failure is dealt
+                # with, so it must not linger to mislead a later condition or handler
+                # (the history keeps it)
+                fields = {k: v for k, v in fields.items() if k != "error"}
+            self._scope(step).update(fields)
             self._history(step, f"{what} done", detail=f"#{note.child_id}")
             self._finish(step)
         elif run["s"] != FAILED_RUN:
@@ -369,8 +386,11 @@ class Instance:
         run["k"] = key
         self.tx.dispatch.append(Workitem(key, self.id, self.spec.name, step.path, step.name,
                                          step.participant or "", params, copy.deepcopy(scope)))
-        for delay, name in step.timers:
-            self._timer(step.path, "event", self.tx.now + delay, name)
+        uses: dict[str, int] = {}
+        for delay, name in step.timers:   # by due time: "4h: remind, 8h: remind" are two timers
+            uses[name] = uses.get(name, 0) + 1
+            self._timer(step.path, "event", self.tx.now + delay,
+                        name if uses[name] == 1 else f"{name}#{uses[name]}")
         self._history(step, "dispatched", detail=step.participant or "")
 
     def _wait_due(self, step: StepSpec) -> float:
@@ -391,6 +411,8 @@ class Instance:
                     due = due.replace(tzinfo=self.tx.tz)
         except ValueError:
             raise TemplateProblem(f"wait until: bad time {text!r}") from None
+        if due.timestamp() - self.tx.now > MAX_DURATION:
+            raise TemplateProblem(f"wait until: {text!r} is more than {MAX_DURATION_TEXT} away")
         return due.timestamp()
 
     def _launch_child(self, step: StepSpec, process: str, fields: dict[str, Any],
@@ -501,7 +523,7 @@ class Instance:
                 action = policy
                 if policy.kind == "retry":
                     if attempt < policy.retries:
-                        delay = policy.backoff * (2 ** attempt)
+                        delay = min(policy.backoff * (2 ** attempt), MAX_DURATION)
                         self._cancel_below(at.path, drop=True)
                         self.serial += 1
                         self.runs[at.path] = {"s": BACKOFF, "g": self.serial, "a": attempt + 1}

@@ -58,8 +58,10 @@ class Participant:
         raise NotImplementedError
 
     async def on_timer(self, workitem: Workitem, name: str) -> Reply | None:
-        """A named step timer fired (``timers: "4h: remind, 1d: escalate"``).
-        Delivered at least once per timer; return a Reply to answer the step."""
+        """A named step timer fired (``timers: "4h: remind, 8h: remind, 1d: escalate"``:
+        a name given twice fires twice, in due order).  Delivered at least once
+        per timer (again after a crash before its end was recorded); return a
+        done or failed Reply to answer the step."""
         return None
 
     async def cancel(self, workitem: Workitem) -> None:

@@ -3,6 +3,11 @@ the reads.  Blocking calls run off the event loop: writes in one writer
 thread, reads in one reader thread, each with its own connection (WAL lets
 them run side by side).
 
+One bot per database: ``open`` takes an exclusive lock on ``<database>.lock``
+and holds it until ``close`` (or the process dies: the kernel drops it, so a
+killed bot never blocks its own restart).  Two bots on one database would run
+every step and timer twice.
+
 Group commit: transitions queued while the disk is busy are written in one
 transaction, each inside its own savepoint (atomic: all of it or none), and
 none is acknowledged before that COMMIT returns.  A lone transition is
@@ -11,8 +16,10 @@ written at once, never held back waiting for company.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -151,7 +158,8 @@ class HistoryRow:
 
 
 class StoreError(Exception):
-    pass
+    """The database cannot be used (open refused) or a transition was not written.
+    The message is one line, naming the database and the problem."""
 
 
 _dumps = json.JSONEncoder(separators=(",", ":"), default=str).encode
@@ -172,6 +180,7 @@ class Store:
         self._writer: threading.Thread | None = None
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="store-read")
         self._read_conn: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
         self.commits = 0          # counters for benchmarks and tests
         self.transitions = 0
 
@@ -185,23 +194,68 @@ class Store:
         return conn
 
     def open(self) -> None:
-        """Create or migrate the schema and start the writer (blocking; call before serving)."""
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        conn = self._connect()
+        """Lock the database, create or migrate the schema, start the writer
+        (blocking; call before serving).  Raises StoreError, one line, when the
+        database cannot be used: nothing is left open then."""
+        parent = Path(self.path).parent
         try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > len(MIGRATIONS):
-                raise StoreError(f"{self.path}: database schema {version} is newer than this bot "
-                                 f"({len(MIGRATIONS)}); upgrade the bot")
-            for number in range(version, len(MIGRATIONS)):
-                # one script, one transaction: a migration is applied whole or not at all
-                conn.executescript("BEGIN IMMEDIATE;" + MIGRATIONS[number]
-                                   + f";PRAGMA user_version={number + 1};COMMIT;")
-                log.info("database %s migrated to schema %d", self.path, number + 1)
-        finally:
-            conn.close()
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"database {self.path}: cannot create the directory {parent}: "
+                             f"{exc.strerror or exc}") from None
+        self._lock()
+        try:
+            self._migrate()
+        except BaseException:
+            self._unlock()
+            raise
         self._writer = threading.Thread(target=self._write_loop, name="store-writer", daemon=True)
         self._writer.start()
+
+    def _lock(self) -> None:
+        lock_path = self.path + ".lock"
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreError(f"database {self.path}: cannot open {lock_path}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            by = f"another bot (pid {holder})" if holder.isdigit() else "another bot"
+            raise StoreError(f"database {self.path} is in use by {by}; stop it first") from None
+        except OSError as exc:
+            os.close(fd)
+            raise StoreError(f"database {self.path}: cannot lock {lock_path}: {exc.strerror or exc}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)   # only for the message above
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)        # releases the lock; the file stays, harmless
+            self._lock_fd = None
+
+    def _migrate(self) -> None:
+        try:
+            conn = self._connect()
+            try:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version > len(MIGRATIONS):
+                    raise StoreError(f"database {self.path}: schema {version} is newer than this bot's "
+                                     f"({len(MIGRATIONS)}); upgrade the bot")
+                for number in range(version, len(MIGRATIONS)):
+                    # one script, one transaction: a migration is applied whole or not at all
+                    conn.executescript("BEGIN IMMEDIATE;" + MIGRATIONS[number]
+                                       + f";PRAGMA user_version={number + 1};COMMIT;")
+                    log.info("database %s migrated to schema %d", self.path, number + 1)
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            if getattr(exc, "sqlite_errorname", "") == "SQLITE_NOTADB":
+                raise StoreError(f"database {self.path}: not an SQLite database ({exc})") from None
+            raise StoreError(f"database {self.path}: cannot open: {exc}") from None
 
     def close(self) -> None:
         if self._writer is not None:
@@ -210,6 +264,7 @@ class Store:
             self._writer = None
         self._reader.submit(self._close_reader).result()
         self._reader.shutdown()
+        self._unlock()
 
     def _close_reader(self) -> None:
         if self._read_conn is not None:
@@ -377,6 +432,11 @@ class Store:
             sql = (f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE status IN ('running', 'waiting', 'failed') "
                    "ORDER BY id DESC LIMIT ?")
         return await self.read(lambda c: [_instance_row(r) for r in c.execute(sql, (limit,))])
+
+    async def count_instances(self, include_finished: bool) -> int:
+        sql = "SELECT COUNT(*) FROM instances" + (
+            "" if include_finished else " WHERE status IN ('running', 'waiting', 'failed')")
+        return await self.read(lambda c: c.execute(sql).fetchone()[0])  # type: ignore[no-any-return]
 
     async def history(self, instance_id: int) -> list[HistoryRow]:
         sql = ("SELECT instance_id, at, path, step, event, actor, detail FROM history "

@@ -68,6 +68,23 @@ def check_cron(cron: str, tz: str = "UTC") -> str | None:
     return None
 
 
+# Where the alarm goes for a due time datetime cannot hold (a row written by an
+# older bot, say): one unreachable timer must not stop every other from being
+# armed, nor the bot from starting.  The row stays; ``show`` still lists it.
+_LAST_ALARM = datetime(9000, 1, 1, tzinfo=timezone.utc)
+
+
+def _alarm_time(due: float) -> datetime:
+    try:
+        return min(datetime.fromtimestamp(due, timezone.utc), _LAST_ALARM)
+    except (ValueError, OverflowError, OSError):
+        if due < 0:                     # long overdue: fire it now
+            return datetime.now(timezone.utc)
+        log.error("a timer is due at %r, beyond any date this bot can arm; it waits until %s",
+                  due, _LAST_ALARM.date())
+        return _LAST_ALARM
+
+
 class TimerService:
     def __init__(self, store: Store, fire: Callable[[list[TimerRow]], Awaitable[None]],
                  clock: Clock, use_scheduler: bool = True, batch: int = 5000) -> None:
@@ -131,7 +148,7 @@ class TimerService:
             return
         from apscheduler.triggers.date import DateTrigger
 
-        self._scheduler.add_job(self.fire_due, DateTrigger(datetime.fromtimestamp(due, timezone.utc)),
+        self._scheduler.add_job(self.fire_due, DateTrigger(_alarm_time(due)),
                                 id="engine-timers", replace_existing=True)
 
     @property

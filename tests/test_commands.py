@@ -11,7 +11,7 @@ import pytest
 
 from bot.access import Directory, IrcIds, User
 from bot.chat import UNVERIFIED, VERIFIED_JID, VERIFIED_SERVICES, Identity, Message, Room
-from bot.commands import Dispatcher, default_registry
+from bot.commands import PS_LIMIT, Dispatcher, default_registry
 from bot.config import load_config
 from bot.pacing import Cooldown
 from engine.engine import Engine
@@ -194,3 +194,13 @@ async def test_an_instance_id_too_big_for_sqlite_is_bad_input(setup) -> None:  #
     for command in ("show", "history", "cancel", "retry"):
         [line] = await say(dispatcher, irc("alice", "alice"), f"{command} 99999999999999999999")
         assert line.startswith("bad instance id '99999999999999999999'. Usage: "), line
+
+
+async def test_ps_lists_the_newest_and_says_how_many_it_left_out(setup) -> None:  # type: ignore[no-untyped-def]
+    dispatcher, engine, _ = setup
+    for _ in range(PS_LIMIT + 2):
+        await engine.launch("timed-release", {}, actor="test")
+    lines = await say(dispatcher, irc("alice", "alice"), "ps")
+    assert len(lines) == PS_LIMIT + 1
+    assert lines[0].startswith(f"#{PS_LIMIT + 2} timed-release waiting") and lines[-2].startswith("#3 ")
+    assert lines[-1] == "... and 2 older (show <id> for any of them)"
