@@ -51,6 +51,11 @@ class ScheduleSpec:
     misfire: str = "run_once"     # run_once | skip: what to do with a run missed while down
     timezone: str = "UTC"
 
+    @property
+    def rule(self) -> str:
+        """What decides the run times; stored, so a changed cron or time zone re-arms."""
+        return self.cron if self.timezone == "UTC" else f"{self.cron} ({self.timezone})"
+
 
 @dataclass(frozen=True)
 class InstanceSummary:
@@ -629,12 +634,12 @@ class Engine:
         process = self.specs.get(spec.process)
         if process is None:
             log.error("schedule %s: process %r is not defined; skipped", spec.name, spec.process)
-            await self.store.commit(self.store.schedule_ops(spec.name, spec.cron, None, nxt))
+            await self.store.commit(self.store.schedule_ops(spec.name, spec.rule, None, nxt))
             return
         inst = self._new_instance(self._allocate(), process, dict(spec.fields), None)
         actor = f"schedule {spec.name}"
         await self._transact([(inst.id, lambda i, tx: i.start(tx, actor))],  # type: ignore[union-attr]
-                             extra=self.store.schedule_ops(spec.name, spec.cron, now, nxt))
+                             extra=self.store.schedule_ops(spec.name, spec.rule, now, nxt))
         self.timers.notify(nxt)
         log.info("#%d %s launched by schedule %s (late by %.1f s); next run %s", inst.id, spec.process,
                  spec.name, max(0.0, now - row.due), _iso(nxt))
@@ -647,17 +652,17 @@ class Engine:
         for spec in self.schedule_specs.values():
             known = stored.get(spec.name)
             when = due.get(spec.name)
-            if known is None or known[0] != spec.cron or when is None:
+            if known is None or known[0] != spec.rule or when is None:
                 nxt = next_cron(spec.cron, now, spec.timezone)
-                ops += self.store.schedule_ops(spec.name, spec.cron, None, nxt)
-                log.info("schedule %s (%s -> %s): next run %s", spec.name, spec.cron, spec.process, _iso(nxt))
+                ops += self.store.schedule_ops(spec.name, spec.rule, None, nxt)
+                log.info("schedule %s (%s -> %s): next run %s", spec.name, spec.rule, spec.process, _iso(nxt))
             elif when <= now:
                 if spec.misfire == "run_once":
                     log.warning("schedule %s missed its run at %s while the bot was down; "
                                 "running it once now (misfire: run_once)", spec.name, _iso(when))
                 else:
                     nxt = next_cron(spec.cron, now, spec.timezone)
-                    ops += self.store.schedule_ops(spec.name, spec.cron, None, nxt)
+                    ops += self.store.schedule_ops(spec.name, spec.rule, None, nxt)
                     log.warning("schedule %s missed its run at %s while the bot was down; skipped "
                                 "(misfire: skip); next run %s", spec.name, _iso(when), _iso(nxt))
         for name in stored:

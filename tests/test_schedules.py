@@ -22,14 +22,14 @@ TWO_AM = datetime(2026, 11, 25, 2, 0, tzinfo=timezone.utc).timestamp()
 DAY = 86400
 
 
-async def make(tmp_path: Path, clock: ManualClock, misfire: str = "run_once") -> Engine:
+async def make(tmp_path: Path, clock: ManualClock, misfire: str = "run_once", tz: str = "UTC") -> Engine:
     registry = ParticipantRegistry(discover())
     spec, problems = parse_definition(loads_yaml(HELLO, "hello.yaml"), "hello.yaml", "hello", registry.names())
     assert spec and not problems
     store = Store(tmp_path / "bot.sqlite3")
     store.open()
     engine = Engine(store, {"hello": spec}, registry, clock=clock, use_scheduler=False,
-                    schedules=[ScheduleSpec("nightly", "0 2 * * *", "hello", {"who": "night"}, misfire)])
+                    schedules=[ScheduleSpec("nightly", "0 2 * * *", "hello", {"who": "night"}, misfire, tz)])
     await engine.start()
     return engine
 
@@ -93,4 +93,16 @@ async def test_restart_before_due_keeps_the_schedule_without_launching(tmp_path:
     assert await engine.instances(include_finished=True) == []
     [info] = await engine.schedules()
     assert info.next_due == TWO_AM
+    await close(engine)
+
+
+async def test_a_changed_time_zone_moves_the_next_run(tmp_path: Path) -> None:
+    clock = ManualClock(T0)
+    await close(await make(tmp_path, clock))
+    engine = await make(tmp_path, clock, tz="Europe/Helsinki")       # UTC+2 in November
+    [info] = await engine.schedules()
+    assert info.next_due == TWO_AM + DAY - 2 * 3600                  # 02:00 Helsinki = 00:00 UTC tomorrow
+    await close(engine)
+    engine = await make(tmp_path, clock, tz="Europe/Helsinki")       # unchanged: kept as stored
+    assert (await engine.schedules())[0].next_due == TWO_AM + DAY - 2 * 3600
     await close(engine)
