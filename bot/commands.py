@@ -183,8 +183,9 @@ def parse_fields(ctx: Context, pairs: list[str]) -> dict[str, Any]:
     return fields
 
 
-def parse_id(ctx: Context) -> int:
-    if len(ctx.args) != 1:
+def parse_id(ctx: Context, more: bool = False) -> int:
+    """The instance id, the first argument (and the only one unless ``more``)."""
+    if not ctx.args or (len(ctx.args) != 1 and not more):
         raise ctx.usage_error("expected one instance id")
     text = ctx.args[0].lstrip("#")
     if not text.isdigit() or len(text) > 18:
@@ -299,12 +300,15 @@ async def cmd_cancel(ctx: Context) -> list[str]:
     return [f"cancelled #{iid}"]
 
 
-@command("retry <id>", "retry the failed steps of an instance")
+@command("retry <id> [key=value ...]", "retry the failed steps of an instance, after setting these fields")
 async def cmd_retry(ctx: Context) -> list[str]:
-    iid = parse_id(ctx)
+    iid = parse_id(ctx, more=True)
+    fields = parse_fields(ctx, ctx.args[1:])
+    if "project" in fields:
+        raise ctx.usage_error("the project of an instance cannot change")
     await _owned(ctx, iid)
-    paths = await ctx.engine.retry(iid, actor=ctx.actor)
-    return [f"retrying #{iid}: {', '.join(paths)}"]
+    paths = await ctx.engine.retry(iid, actor=ctx.actor, fields=fields)
+    return [f"retrying #{iid}: {', '.join(paths)}" + (f" with {', '.join(sorted(fields))} set" if fields else "")]
 
 
 @command("schedules", "configured schedules with their next and last run")

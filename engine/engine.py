@@ -203,9 +203,12 @@ class Engine:
         await self._transact([(instance_id, lambda i, tx: i.cancel(tx, actor))])  # type: ignore[union-attr]
         log.info("#%d cancelled by %s", instance_id, actor or "engine")
 
-    async def retry(self, instance_id: int, *, actor: str = "") -> list[str]:
+    async def retry(self, instance_id: int, *, actor: str = "",
+                    fields: Mapping[str, Any] | None = None) -> list[str]:
+        """Start an instance's failed steps again, after setting ``fields`` (the fix, if it is data)."""
         await self._require(instance_id)
-        names = await self._transact([(instance_id, lambda i, tx: i.retry(tx, actor))])  # type: ignore[union-attr]
+        names = await self._transact([(instance_id,
+                                        lambda i, tx: i.retry(tx, actor, fields))])  # type: ignore[union-attr]
         log.info("#%d retried by %s: %s", instance_id, actor or "engine", ", ".join(names[0]))
         return names[0]  # type: ignore[no-any-return]
 

@@ -241,7 +241,9 @@ class Instance:
             tx.followups.append(ChildFinished(self.parent[0], self.parent[1], self.id, False, {}, "was cancelled"))
         self._end()
 
-    def retry(self, tx: Transition, actor: str) -> list[str]:
+    def retry(self, tx: Transition, actor: str, fields: Mapping[str, Any] | None = None) -> list[str]:
+        """Start the failed steps again.  ``fields`` are the fix, when the fix is
+        data (a missing or wrong field): set where each failed step reads them."""
         failed = [p for p, r in self.runs.items() if r["s"] == FAILED_RUN]
         if not failed:
             raise NotAllowedNow(f"#{self.id} has no failed step to retry (it is {self.status.value})")
@@ -251,7 +253,9 @@ class Instance:
             step = self.spec.steps[path]
             run = self.runs[path]
             self._cancel_below(path, drop=False)
-            self._history(step, "retried", actor)
+            if fields:
+                self._scope(step).update(fields)
+            self._history(step, "retried", actor, _brief(dict(fields)) if fields else "")
             names.append(step.name)
             self._start(step)   # after a fix, on_error's automatic retries start afresh
         self.error = ""

@@ -3,6 +3,7 @@ identities and per-project roles; refusals are explained, logged, and
 change nothing."""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from pathlib import Path
@@ -204,3 +205,26 @@ async def test_ps_lists_the_newest_and_says_how_many_it_left_out(setup) -> None:
     assert len(lines) == PS_LIMIT + 1
     assert lines[0].startswith(f"#{PS_LIMIT + 2} timed-release waiting") and lines[-2].startswith("#3 ")
     assert lines[-1] == "... and 2 older (show <id> for any of them)"
+
+
+async def test_retry_may_set_the_fields_that_fix_the_failure(setup) -> None:  # type: ignore[no-untyped-def]
+    dispatcher, engine, _ = setup
+    alice = irc("alice", "alice")
+    assert await say(dispatcher, alice, "launch parallel-checks threshold=4") == ["launched parallel-checks as #1"]
+    for _ in range(50):
+        if (await engine.summary(1)).status == "failed":
+            break
+        await asyncio.sleep(0.05)
+    [line] = await say(dispatcher, alice, "retry 1 project=Other")
+    assert line == "the project of an instance cannot change. Usage: retry <id> [key=value ...]"
+    [line] = await say(dispatcher, alice, "retry 1 =3")
+    assert line == "bad key=value '=3'. Usage: retry <id> [key=value ...]"
+    assert (await engine.summary(1)).status == "failed"                 # bad input changed nothing
+    assert await say(dispatcher, alice, "retry 1 threshold=3") == [
+        "retrying #1: error@2.else.0 with threshold set"]
+    await engine.idle()
+    retried = [h for h in await engine.history(1) if h.event == "retried"]
+    assert [(h.step, h.actor, h.detail) for h in retried] == [("error@2.else.0", "alice via irc:libera", "threshold=3")]
+    assert (await engine.describe(1)).fields["threshold"] == 3
+    # (what was retried is the 'error' step itself, which fails again by design: the engine-level
+    # test test_retry_sets_the_fields_that_were_the_fix shows a fix that lets the instance finish)

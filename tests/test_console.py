@@ -98,7 +98,7 @@ def test_schedules_and_whoami(bot: Bot) -> None:
     ("show 99", "no instance #99"),
     ("history 99", "no instance #99"),
     ("cancel 99", "no instance #99"),
-    ("retry 1 2", "expected one instance id. Usage: retry <id>"),
+    ("retry 1 2", "bad key=value '2'. Usage: retry <id> [key=value ...]"),
     ("ps now", "unexpected arguments. Usage: ps [all]"),
     ("help nosuch", "unknown command 'nosuch'; try: help"),
 ])

@@ -607,6 +607,27 @@ async def test_retry_after_a_failure_dispatches_again_and_completes(engines) -> 
     assert (retried.step, retried.actor) == ("flaky", "alice")
 
 
+async def test_retry_sets_the_fields_that_were_the_fix(engines) -> None:
+    engine = await engines({"r": """
+        steps:
+          - concurrence:
+              - {id: sync, participant: echo, params: {text: "rsync {{ repo }}"}}
+              - {participant: echo}
+          - {id: after, participant: echo, params: {text: "published {{ repo }}"}}
+        """})
+    iid = await engine.launch("r")
+    await engine.idle()
+    summary = await engine.summary(iid)
+    assert summary.status == "failed" and "'repo' is undefined" in summary.error
+    assert await engine.retry(iid, actor="alice", fields={"repo": "devel"}) == ["sync"]
+    await engine.idle()
+    detail = await engine.describe(iid)
+    assert (detail.summary.status, detail.fields["repo"], detail.fields["echo"]) == (
+        "completed", "devel", "published devel")
+    (retried,) = await events(engine, iid, "retried")
+    assert (retried.step, retried.actor, retried.detail) == ("sync", "alice", "repo='devel'")
+
+
 async def test_retry_with_nothing_failed_is_refused(engines) -> None:
     pend = Recorder("pend", mode="pending")
     engine = await engines({"r": "steps: [{participant: pend}]"}, [pend])
