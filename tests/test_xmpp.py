@@ -98,6 +98,11 @@ def from_room(room: str, nick: str = NICK) -> Callable[[Received], bool]:
     return lambda m: m.type == "groupchat" and m.sender == f"{room}/{nick}" and not m.delayed
 
 
+def from_bot_directly(prosody: Prosody) -> Callable[[Received], bool]:
+    """A direct message from the bot's own JID (not a private message through a room)."""
+    return lambda m: m.type == "chat" and m.sender.startswith(prosody.jid("bot") + "/")
+
+
 async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -160,8 +165,8 @@ async def test_room_commands_by_prefix_and_by_nick_answered_in_the_room(
     alice.say(ops, "ReleaseBot, help whoami")
     assert (await alice.expect(from_room(ops))).body.startswith("alice: whoami - who the bot thinks you are")
 
-    alice.dm(f"{ops}/{NICK}", "whoami")              # a private message through the room
-    private = await alice.expect(lambda m: m.type == "chat" and m.sender == f"{ops}/{NICK}")
+    alice.dm(f"{ops}/{NICK}", "whoami")              # a private message through the room ...
+    private = await alice.expect(from_bot_directly(prosody))   # ... answered at her real JID
     assert private.body.startswith("ops@conference.localhost/alice on test is alice, verified by server")
 
     alice.say(ops, "good morning, nothing for the bot here")
@@ -184,9 +189,88 @@ async def test_long_room_output_goes_to_the_caller_privately(
     alice.say(ops, "!ps")
     notice = await alice.expect(from_room(ops))
     assert notice.body == "alice: 5 lines, sent to you privately"
-    private = await alice.expect(lambda m: m.type == "chat" and m.sender == f"{ops}/{NICK}")
+    private = await alice.expect(from_bot_directly(prosody))   # to her real JID, not to a nick
     assert sorted(line.split(" ")[0] for line in private.body.split("\n")) == ["#1", "#2", "#3", "#4", "#5"]
     assert not [m for m in await alice.quiet(0.2) if m.sender.startswith(ops)]
+
+
+async def test_private_output_goes_to_the_real_jid_not_to_a_nick_someone_else_took_meanwhile(
+        prosody: Prosody, start_bot, xmpp_human) -> None:  # type: ignore[no-untyped-def]
+    ops = prosody.room("ops")
+    bot = await start_bot(rooms=(ops,))              # the bot owns the room: it sees real JIDs
+    alice: Human = await xmpp_human("alice")
+    mallory: Human = await xmpp_human("mallory")
+    await alice.join(ops)
+    alice.say(ops, "!whoami")
+    await alice.expect(from_room(ops))
+    asker = bot.dispatched[0].sender                 # what the router sends long output to
+    assert (asker.handle, asker.account) == (f"{ops}/alice", "alice@localhost")
+
+    await alice.leave(ops)                           # e.g. while the answer waits out a reconnect,
+    await mallory.join(ops, nick="alice")            # someone else takes her nick
+    await bot.transport.send(asker, "#1 publish waiting: secret release notes")
+    got = await alice.expect(from_bot_directly(prosody))
+    assert got.body == "#1 publish waiting: secret release notes"
+    assert [m for m in await mallory.quiet(0.3) if m.type == "chat"] == []
+
+
+async def test_a_room_switched_to_semi_anonymous_and_back_is_trusted_only_while_it_shows_real_jids(
+        prosody: Prosody, start_bot, xmpp_human, caplog) -> None:  # type: ignore[no-untyped-def]
+    caplog.set_level(logging.INFO, logger="bot.transports.xmpp")
+    room = prosody.room("switching")
+    alice: Human = await xmpp_human("alice")
+    await alice.join(room)                           # alice creates and owns it ...
+    await alice.configure_room(room, whois="anyone")     # ... and makes it non-anonymous
+    bot = await start_bot(rooms=(room,))             # a plain participant: sees real JIDs only now
+    refused = (f"alice: not authorised: {room} does not show me real JIDs, so I cannot tell who you are; "
+               "send me a direct message instead")
+
+    alice.say(room, "!ps")
+    assert (await alice.expect(from_room(room))).body == "alice: no running, waiting or failed instances"
+
+    await alice.configure_room(room, whois="moderators")   # semi-anonymous: status 173
+    alice.say(room, "!ps")                           # alice's JID learned before must not count
+    assert (await alice.expect(from_room(room))).body == refused
+    assert "now semi-anonymous (status 173); forgot 1 occupant JID(s)" in caplog.text
+
+    await alice.configure_room(room, whois="anyone")       # non-anonymous again: status 172
+    alice.say(room, "!ps")                           # held until the bot has re-read the occupants
+    assert (await alice.expect(from_room(room))).body == "alice: no running, waiting or failed instances"
+    assert f"re-read the occupants of {room}: it shows me 1 real JID(s)" in caplog.text
+    assert [(m.text, m.sender.account, m.room.exposes_identities if m.room else None)
+            for m in bot.dispatched] == [("ps", "alice@localhost", True), ("ps", None, False),
+                                         ("ps", "alice@localhost", True)]
+
+
+async def test_a_server_saying_only_104_makes_the_bot_ask_the_room_whether_it_still_shows_jids(
+        prosody: Prosody, start_bot, xmpp_human, caplog) -> None:  # type: ignore[no-untyped-def]
+    caplog.set_level(logging.INFO, logger="bot.transports.xmpp")
+    room = prosody.room("vague")
+    alice: Human = await xmpp_human("alice")
+    await alice.join(room)
+    await alice.configure_room(room, whois="anyone")
+    bot = await start_bot(rooms=(room,))
+
+    def only_104(stanza: Any) -> Any:                # a server that says only "configuration changed"
+        if stanza.name == "message" and stanza["from"].full == room:
+            if stanza["muc"]["status_codes"] & {172, 173, 174}:
+                stanza["muc"]["status_codes"] = {104}
+        return stanza
+    bot.transport._client.add_filter("in", only_104)
+    accepted = "alice: no running, waiting or failed instances"
+
+    await alice.configure_room(room, roomname="Release talk")   # unrelated: still trusted, no re-read
+    alice.say(room, "!ps")
+    assert (await alice.expect(from_room(room))).body == accepted
+    await alice.configure_room(room, whois="moderators")        # arrives as a bare 104
+    alice.say(room, "!ps")
+    assert (await alice.expect(from_room(room))).body.startswith("alice: not authorised: ")
+    assert "is now semi-anonymous (disco#info); forgot 1 occupant JID(s)" in caplog.text
+    await alice.configure_room(room, whois="anyone")
+    alice.say(room, "!ps")
+    assert (await alice.expect(from_room(room))).body == accepted
+    assert "is now non-anonymous (disco#info)" in caplog.text
+    assert caplog.text.count("re-read the occupants of") == 2    # after each real change only
 
 
 async def test_semi_anonymous_room_of_someone_else_refuses_privileged_commands(
@@ -496,6 +580,56 @@ def test_parse_config_reports_every_problem_with_file_and_line(monkeypatch) -> N
     assert sorted(str(p) for p in problems) == [
         "b.yaml:1: xmpp network 'x': missing required key 'jid'",
         "b.yaml:1: xmpp network 'x': missing required key 'password_env'"]
+
+
+NETWORK = textwrap.dedent("""\
+    networks:
+      - name: {name}
+        jid: {jid}
+        password_env: TEST_XMPP_PASSWORD
+{extra}""")
+
+
+def one_network(name: str, jid: str, **extra: str) -> Any:
+    lines = "".join(f"        {key}: {value}\n" for key, value in extra.items())
+    return loads_yaml(NETWORK.format(name=name, jid=jid, extra=lines), "conf/bot.yaml")["networks"][0]
+
+
+def test_parse_config_allows_plaintext_only_to_a_loopback_host(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("TEST_XMPP_PASSWORD", "s3cret-value")
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2", "LOCALHOST."):
+        cfg, problems = parse_config(one_network("t", "bot@example.org", host=f'"{host}"', tls="plaintext"), "f")
+        assert problems == [] and cfg is not None and cfg.tls == "plaintext", host
+    cfg, problems = parse_config(one_network("t", "bot@localhost", tls="plaintext"), "f")   # host from the jid
+    assert problems == [] and cfg is not None
+
+    cfg, problems = parse_config(one_network("remote", "bot@example.org", host="xmpp.example.org",
+                                             tls="plaintext"), "conf/bot.yaml")
+    assert cfg is None and [str(p) for p in problems] == [
+        "conf/bot.yaml:6: xmpp network 'remote': tls: plaintext is only allowed to a loopback host "
+        "(localhost, 127.0.0.1, ::1), not 'xmpp.example.org': the password would cross the network unencrypted"]
+    cfg, problems = parse_config(one_network("derived", "bot@example.org", tls="plaintext"), "conf/bot.yaml")
+    assert cfg is None and [str(p) for p in problems] == [
+        "conf/bot.yaml:5: xmpp network 'derived': tls: plaintext is only allowed to a loopback host "
+        "(localhost, 127.0.0.1, ::1), not 'example.org' (the jid's domain; set host): the password would "
+        "cross the network unencrypted"]
+    cfg, problems = parse_config(one_network("tls", "bot@example.org", tls="starttls"), "conf/bot.yaml")
+    assert problems == [] and cfg is not None                   # TLS to anywhere is fine
+
+
+def test_parse_config_refuses_a_keepalive_under_one_second(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("TEST_XMPP_PASSWORD", "s3cret-value")
+    for value in ("0s", "0", "500ms", "0.9s"):
+        cfg, problems = parse_config(one_network("k", "bot@example.org", keepalive=value), "conf/bot.yaml")
+        shown = repr(loads_yaml(f"v: {value}", "x")["v"])
+        assert cfg is None and [str(p) for p in problems] == [
+            "conf/bot.yaml:5: xmpp network 'k': keepalive: expected at least 1s (how often an idle connection "
+            f"is pinged: without pings a dead connection is never noticed), got {shown}"], value
+    for value, seconds in (("1s", 1.0), ("90s", 90.0)):
+        cfg, problems = parse_config(one_network("k", "bot@example.org", keepalive=value), "conf/bot.yaml")
+        assert problems == [] and cfg is not None and cfg.keepalive == seconds
+    cfg, problems = parse_config(one_network("k", "bot@example.org"), "conf/bot.yaml")
+    assert cfg is not None and cfg.keepalive == 60.0           # the default
 
 
 def test_reconnect_backoff_doubles_with_jitter_up_to_the_cap() -> None:

@@ -6,6 +6,11 @@ counts, and only when the room shows it to the bot (rooms the bot created,
 where it is owner and so moderator, or non-anonymous rooms); otherwise the
 sender is a bare nickname, ``account=None``, and the ``Room`` says it hides
 identities, so the dispatcher refuses privileged commands and says why.
+What a room shows is re-learned whenever its owner changes who may see real
+JIDs (XEP-0045 status 172/173/174, or 104 and a disco#info check): JIDs
+learned before the change are forgotten, never carried over.  Private output
+for an occupant identified that way goes to their real JID, not to their
+nickname in the room, which someone else may hold by then.
 
 slixmpp is imported only here; its exceptions become ``TransportError``.
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
 import logging
 import os
 import random
@@ -38,6 +44,10 @@ KEYS = ("name", "jid", "password_env", "host", "port", "tls", "ca_file", "rooms"
         "command_prefix", "rate", "burst", "reconnect_min", "reconnect_max", "keepalive",
         "max_line_chars")
 REQUIRED = ("name", "jid", "password_env")
+MIN_KEEPALIVE = 1.0                    # seconds; below this pings would flood, and 0 would never ping
+# XEP-0045 status codes that say a room's configuration changed.
+NOW_NON_ANONYMOUS, NOW_SEMI_ANONYMOUS, NOW_FULLY_ANONYMOUS, CONFIG_CHANGED = 172, 173, 174, 104
+ROOM_CONFIG_CODES = frozenset({NOW_NON_ANONYMOUS, NOW_SEMI_ANONYMOUS, NOW_FULLY_ANONYMOUS, CONFIG_CHANGED})
 
 
 @dataclass(frozen=True)
@@ -56,7 +66,7 @@ class XmppConfig:
     burst: int = 10                    # ... after a burst of this many
     reconnect_min: float = 1.0         # backoff after a lost connection: min doubling to max,
     reconnect_max: float = 300.0       # with jitter
-    keepalive: float = 60.0            # ping the server this often when idle (0: never)
+    keepalive: float = 60.0            # ping the server this often when idle (config: at least 1s)
     max_line_chars: int = 3000         # longer lines are split (at a space if possible)
     connect_timeout: float = 30.0      # start() waits this long for the first session
     join_timeout: float = 10.0
@@ -148,6 +158,17 @@ def parse_config(node: Any, file: str) -> tuple[XmppConfig | None, list[Problem]
     if rmin <= 0 or rmax < rmin:
         problem("reconnect_max", "need 0 < reconnect_min <= reconnect_max")
     keepalive = duration("keepalive", 60.0)
+    if "keepalive" in node and keepalive < MIN_KEEPALIVE:
+        problem("keepalive", f"keepalive: expected at least 1s (how often an idle connection is pinged: "
+                             f"without pings a dead connection is never noticed), got {node['keepalive']!r}")
+        keepalive = 60.0
+    if tls == "plaintext":
+        # The password would cross the network unencrypted: only a test server on this machine.
+        server = host if "host" in node else (jid.split("@", 1)[1] if jid else None)
+        if server is not None and not is_loopback(server):
+            where = repr(server) if "host" in node else f"{server!r} (the jid's domain; set host)"
+            problem("tls", f"tls: plaintext is only allowed to a loopback host (localhost, 127.0.0.1, ::1), "
+                           f"not {where}: the password would cross the network unencrypted")
 
     rooms: list[str] = []
     if "rooms" in node:
@@ -177,6 +198,20 @@ def parse_config(node: Any, file: str) -> tuple[XmppConfig | None, list[Problem]
                       keepalive=keepalive, max_line_chars=max_line), []
 
 
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address; names are not resolved (a name
+    that merely resolves to 127.0.0.1 today does not count)."""
+    name = host.strip().rstrip(".").lower()
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 def split_text(text: str, limit: int) -> list[str]:
     """Messages of at most ``limit`` characters carrying ``text``'s lines:
     consecutive lines share a message while they fit, and a message breaks
@@ -202,6 +237,15 @@ def split_text(text: str, limit: int) -> list[str]:
         else:
             out.append(piece)
     return out
+
+
+@dataclass
+class _Review:
+    """A room whose configuration changed, being re-read; its commands wait for ``done``."""
+
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    disco: bool = False         # a 104: ask the room whether who sees real JIDs changed
+    resync: bool = False        # re-read the occupant list
 
 
 @dataclass
@@ -255,6 +299,11 @@ class XmppTransport:
         self._sent_ids: collections.deque[str] = collections.deque(maxlen=500)
         self._sent_set: set[str] = set()
         self._nicks: dict[str, str] = {}    # room JID -> our nick in it
+        # room JID -> occupant nick -> real bare JID, as the room currently shows it to us;
+        # fed only by presences, emptied when the room stops showing real JIDs
+        self._real_jids: dict[str, dict[str, str]] = {}
+        self._non_anonymous: dict[str, bool] = {}   # what the room last said about itself
+        self._reviews: dict[str, _Review] = {}     # rooms whose configuration changed: being re-read
         self._wakeup = asyncio.Event()
         self._lost = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -314,7 +363,7 @@ class XmppTransport:
         if isinstance(target, Room):
             to, mtype = target.name, "groupchat"
         else:
-            to, mtype = target.handle, "chat"
+            to, mtype = self._private_address(target), "chat"
         for chunk in split_text(text, self.config.max_line_chars):
             if len(self._pending) >= self._max_queued:
                 dropped = self._pending.popleft()
@@ -322,6 +371,18 @@ class XmppTransport:
                           self.network, self._max_queued, dropped.to)
             self._pending.append(_Line(to, mtype, chunk))
         self._wakeup.set()
+
+    def _private_address(self, ident: Identity) -> str:
+        """Where private output for ``ident`` goes.  A room occupant whose real
+        JID the room showed us gets a direct message to that JID: ``room/nick``
+        is only a nickname, which someone else may hold by the time the line is
+        delivered (queued across a reconnect, or after they left); private
+        release output must reach the person who asked.  An occupant we could
+        not identify keeps the room-private route, the only one there is."""
+        room = ident.handle.split("/", 1)[0]
+        if ident.account and ident.verified_by == VERIFIED_JID and "/" in ident.handle and room in self._nicks:
+            return ident.account
+        return ident.handle
 
     async def close(self, flush_timeout: float = 2.0) -> None:
         """Flush what can be flushed (while connected), say goodbye, disconnect."""
@@ -389,6 +450,8 @@ class XmppTransport:
                                                                    self.network))
         client.add_event_handler("stanza_acked", self._acked)
         client.add_event_handler("message", self._message)
+        client.add_event_handler("groupchat_presence", self._room_presence)
+        client.add_event_handler("groupchat_config_status", self._room_config_status)
         client.add_event_handler("message_error", self._message_error)
         return client
 
@@ -591,7 +654,9 @@ class XmppTransport:
 
         muc = self._client.plugin["xep_0045"]
         nick = self.config.room_nick
+        bare = JID(room).bare
         for _ in range(3):
+            self._real_jids[bare] = {}      # a new session: learn the occupants afresh
             try:
                 pres, _subject, _occupants, _history = await muc.join_muc_wait(
                     JID(room), nick, maxstanzas=0, timeout=self.config.join_timeout)
@@ -600,12 +665,16 @@ class XmppTransport:
                     nick += "_"
                     continue
                 log.warning("xmpp %s: cannot join %s: %s", self.network, room, exc.condition)
+                self._real_jids.pop(bare, None)
                 return
             except asyncio.TimeoutError:
                 log.warning("xmpp %s: no answer joining %s after %.0fs", self.network, room,
                             self.config.join_timeout)
+                self._real_jids.pop(bare, None)
                 return
-            self._nicks[JID(room).bare] = pres["from"].resource
+            self._nicks[bare] = pres["from"].resource
+            # 100 on entering: "any occupant may see your real JID" (a non-anonymous room)
+            self._non_anonymous[bare] = 100 in pres["muc"]["status_codes"]
             created = 201 in pres["muc"]["status_codes"]
             if created:
                 await self._configure_new_room(room)
@@ -614,6 +683,7 @@ class XmppTransport:
             return
         log.warning("xmpp %s: cannot join %s: nickname %s and variants are taken",
                     self.network, room, self.config.room_nick)
+        self._real_jids.pop(bare, None)
 
     async def _configure_new_room(self, room: str) -> None:
         """Accept the default configuration ("instant room"): on servers that
@@ -740,7 +810,7 @@ class XmppTransport:
         if room is not None:
             # A private message through a room: only the room's view of the sender counts.
             nick = sender.resource
-            if not nick or nick == self._nicks.get(room):
+            if not nick or nick == self._nicks.get(room) or self._held(room, self._direct_message, msg, body):
                 return
             ident = self._occupant(room, nick)
         else:
@@ -770,7 +840,7 @@ class XmppTransport:
         if msg.get_plugin("delay", check=True) is not None:
             return                      # history replayed on join
         text = self._addressed(body, ours)
-        if text is None:
+        if text is None or self._held(room, self._room_message, msg, body):
             return
         ident = self._occupant(room, nick)
         where = Room(PROTOCOL, self.network, room, exposes_identities=ident.account is not None)
@@ -789,13 +859,155 @@ class XmppTransport:
         return None
 
     def _occupant(self, room: str, nick: str) -> Identity:
-        """A room occupant: their real bare JID only if the room shows it to us."""
-        from slixmpp.jid import JID
-
-        real = self._client.plugin["xep_0045"].get_jid_property(JID(room), nick, "jid")
-        account = JID(str(real)).bare if real else None
+        """A room occupant: their real bare JID only if the room shows it to us now."""
+        account = self._real_jids.get(room, {}).get(nick)
         return Identity(PROTOCOL, self.network, f"{room}/{nick}", account=account,
                         verified_by=VERIFIED_JID if account else UNVERIFIED)
+
+    # --- what a room shows us: occupants' real JIDs and configuration changes ----
+
+    def _room_presence(self, pres: Any) -> None:
+        """Every occupant presence replaces what we knew of that nick: its real
+        JID if the room shows it to us (non-anonymous, or we are a moderator),
+        else nothing.  A nick someone else takes therefore never inherits it."""
+        room, nick = pres["from"].bare, pres["from"].resource
+        occupants = self._real_jids.get(room)
+        if occupants is None or not nick or pres["type"] == "error":
+            return
+        real = pres["muc"]["jid"]
+        if pres["type"] == "unavailable" or not real or not real.bare:
+            occupants.pop(nick, None)
+        else:
+            occupants[nick] = real.bare
+        codes = set(pres["muc"]["status_codes"]) & ROOM_CONFIG_CODES
+        if codes:
+            self._room_config_changed(room, codes)
+
+    def _room_config_status(self, msg: Any) -> None:
+        """A status message from the room itself, e.g. 173 after its owner hid real JIDs."""
+        room = msg["from"].bare
+        if msg["from"].resource or room not in self._real_jids:
+            return
+        codes = set(msg["muc"]["status_codes"]) & ROOM_CONFIG_CODES
+        if codes:
+            self._room_config_changed(room, codes)
+
+    def _room_config_changed(self, room: str, codes: set[int]) -> None:
+        """The owner changed the room's configuration.  Runs as the stanza is
+        handled, so a command right behind a 173 is already judged by it;
+        commands arriving until the room is re-read are held (``_held``)."""
+        review = self._reviews.get(room)
+        new = review is None
+        if review is None:
+            review = self._reviews[room] = _Review()
+        if codes & {NOW_SEMI_ANONYMOUS, NOW_FULLY_ANONYMOUS}:
+            code = NOW_FULLY_ANONYMOUS if NOW_FULLY_ANONYMOUS in codes else NOW_SEMI_ANONYMOUS
+            self._non_anonymous[room] = False
+            self._stop_trusting(room, f"is now {'fully' if code == NOW_FULLY_ANONYMOUS else 'semi'}-anonymous "
+                                      f"(status {code})")
+            review.resync = True                # as a moderator or owner we may still see real JIDs
+        elif NOW_NON_ANONYMOUS in codes:
+            self._non_anonymous[room] = True
+            log.info("xmpp %s: %s is now non-anonymous (status 172); re-reading its occupants",
+                     self.network, room)
+            review.resync = True
+        else:                                   # 104: something changed, perhaps who sees real JIDs
+            review.disco = True
+        if new:
+            self._spawn(self._review_room(room, review), "room review")
+
+    async def _review_room(self, room: str, review: _Review) -> None:
+        try:
+            while review.disco or review.resync:
+                if review.disco:
+                    review.disco = False
+                    if await self._anonymity_changed(room):
+                        review.resync = True
+                else:
+                    review.resync = False
+                    await self._resync_room(room)
+        finally:
+            del self._reviews[room]
+            review.done.set()
+
+    def _held(self, room: str, handler: Callable[[Any, str], None], msg: Any, body: str) -> bool:
+        """While a room is being re-read, hold its commands until we know what
+        it shows us: neither trusted on stale JIDs nor refused for a moment."""
+        review = self._reviews.get(room)
+        if review is None:
+            return False
+
+        async def later() -> None:
+            await review.done.wait()
+            handler(msg, body)
+        self._spawn(later(), "held command")
+        return True
+
+    def _others_shown(self, room: str) -> int:
+        """How many occupants' real JIDs we know in ``room``, not counting our own."""
+        return sum(1 for nick in self._real_jids.get(room, {}) if nick != self._nicks.get(room))
+
+    def _stop_trusting(self, room: str, why: str) -> None:
+        forgotten = self._others_shown(room)
+        if room in self._real_jids:
+            self._real_jids[room] = {}
+        log.info("xmpp %s: %s %s; forgot %d occupant JID(s): privileged commands from it are refused "
+                 "while it does not show me real JIDs", self.network, room, why, forgotten)
+
+    async def _anonymity_changed(self, room: str) -> bool:
+        """After a 104: ask the room (disco#info) whether it still shows real
+        JIDs to everyone.  If that changed, or the room cannot say, what we
+        knew is forgotten and True asks for a re-read."""
+        from slixmpp.exceptions import IqError, IqTimeout
+
+        non_anonymous: bool | None = None
+        try:
+            info = await self._client.plugin["xep_0030"].get_info(jid=room, timeout=self.config.join_timeout)
+            non_anonymous = "muc_nonanonymous" in info["disco_info"]["features"]
+        except (IqError, IqTimeout) as exc:
+            log.warning("xmpp %s: cannot ask %s about its configuration: %s", self.network, room,
+                        getattr(exc, "condition", "timeout"))
+        except Exception as exc:   # e.g. the session died meanwhile: a new session rejoins afresh
+            log.debug("xmpp %s: disco#info of %s: %r", self.network, room, exc)
+        if non_anonymous is not None and non_anonymous == self._non_anonymous.get(room):
+            return False                        # an unrelated change: what we knew still holds
+        if non_anonymous:
+            self._non_anonymous[room] = True
+            log.info("xmpp %s: %s is now non-anonymous (disco#info); re-reading its occupants",
+                     self.network, room)
+        else:
+            self._non_anonymous[room] = False
+            self._stop_trusting(room, "is now semi-anonymous (disco#info)" if non_anonymous is False
+                                else "changed its configuration and may hide real JIDs now")
+        return True
+
+    async def _resync_room(self, room: str) -> None:
+        """Re-read the occupant list as the room shows it to us now: a join
+        presence while already joined makes the server send every occupant's
+        presence again (Prosody treats it as a desynced client; the others see
+        only a presence update from the bot, no leave and join)."""
+        from slixmpp.exceptions import PresenceError
+        from slixmpp.jid import JID
+
+        nick = self._nicks.get(room)
+        client = self._client
+        if nick is None or client is None or not self._session.is_set():
+            return                              # a new session joins afresh anyway
+        generation = self._generation
+        self._real_jids[room] = {}
+        try:
+            await client.plugin["xep_0045"].join_muc_wait(JID(room), nick, maxstanzas=0,
+                                                           timeout=self.config.join_timeout)
+        except (PresenceError, asyncio.TimeoutError) as exc:
+            log.warning("xmpp %s: could not re-read the occupants of %s: %s", self.network, room,
+                        getattr(exc, "condition", "timeout"))
+            return
+        except Exception as exc:   # e.g. the session died meanwhile: a new session rejoins afresh
+            log.debug("xmpp %s: re-reading %s: %r", self.network, room, exc)
+            return
+        if generation == self._generation:
+            log.info("xmpp %s: re-read the occupants of %s: it shows me %d real JID(s)",
+                     self.network, room, self._others_shown(room))
 
     def _dispatch(self, message: Message) -> None:
         log.debug("xmpp %s: command %r from %s", self.network, sanitise(message.text), message.sender)

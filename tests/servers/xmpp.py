@@ -215,6 +215,31 @@ class Human:
         await self.client.plugin["xep_0045"].join_muc_wait(room, nick or self.user, maxstanzas=history,
                                                            timeout=5)
 
+    async def leave(self, room: str) -> None:
+        nick = self.nicks.pop(room)
+        left = asyncio.get_running_loop().create_future()
+
+        def gone(pres: Any) -> None:
+            if (pres["from"].bare, pres["from"].resource, pres["type"]) == (room, nick, "unavailable") \
+                    and not left.done():
+                left.set_result(True)
+        self.client.add_event_handler("groupchat_presence", gone)
+        try:
+            self.client.plugin["xep_0045"].leave_muc(room, nick)
+            await asyncio.wait_for(left, 5)
+        finally:
+            self.client.del_event_handler("groupchat_presence", gone)
+
+    async def configure_room(self, room: str, **fields: str) -> None:
+        """As the room's owner, submit the MUC owner form with these
+        ``muc#roomconfig_<name>`` fields (e.g. ``whois="anyone"``); returns once
+        the room accepted it, so the room has already told its occupants."""
+        form = self.client.plugin["xep_0004"].make_form(ftype="submit")
+        form.add_field(var="FORM_TYPE", ftype="hidden", value="http://jabber.org/protocol/muc#roomconfig")
+        for name, value in fields.items():
+            form.add_field(var=f"muc#roomconfig_{name}", value=value)
+        await self.client.plugin["xep_0045"].set_room_config(room, form, timeout=5)
+
     def dm(self, to: str, text: str) -> None:
         self.client.send_message(mto=to, mbody=text, mtype="chat")
 
