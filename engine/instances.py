@@ -251,7 +251,6 @@ class Instance:
         names = []
         for path in failed:
             step = self.spec.steps[path]
-            run = self.runs[path]
             self._cancel_below(path, drop=False)
             if fields:
                 self._scope(step).update(fields)

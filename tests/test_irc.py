@@ -22,8 +22,8 @@ from bot.chat import Identity, Message, Room, TransportError
 from bot.commands import Dispatcher, default_registry
 from bot.config import load_config
 from bot.router import Router
-from bot.transports.irc import (DEFAULT_BURST, DEFAULT_CAPS, DEFAULT_RATE, IrcConfig, IrcTransport,
-                                clean_lines, parse_config, split_utf8)
+from bot.transports.irc import (DEFAULT_BURST, DEFAULT_CAPS, DEFAULT_RATE, MARKER_AGE, IrcConfig, IrcTransport,
+                                clean_lines, is_loopback, parse_config, split_utf8)
 from engine.engine import Engine
 from engine.participants import ParticipantRegistry
 from engine.sourcefile import ConfigError, loads_yaml
@@ -32,7 +32,7 @@ from engine.timers import ManualClock
 from participants import discover
 from tests.engine_fixtures import spec_from_yaml
 from tests.servers import free_port, require_binary
-from tests.servers.irc import Human, InspircdAnope, Ngircd
+from tests.servers.irc import Human, InspircdAnope, Ngircd, parse_line
 from tests.servers.tls import ThrowawayCA
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,12 +70,13 @@ BotFactory = Callable[..., Awaitable[IrcTransport]]
 
 @pytest.fixture
 async def bots(engine: Engine) -> AsyncIterator[BotFactory]:
-    """``await bots(config, users=[...])``: a started, ready bot; closed after the test."""
+    """``await bots(config, users=[...], **IrcTransport options)``: a started, ready bot;
+    closed after the test."""
     started: list[IrcTransport] = []
 
     async def factory(config: IrcConfig, users: list[User] = (), max_room_lines: int = 4,  # type: ignore[assignment]
-                      ready: bool = True) -> IrcTransport:
-        transport = IrcTransport(config)
+                      ready: bool = True, **options: Any) -> IrcTransport:
+        transport = IrcTransport(config, **options)
         started.append(transport)
         router = Router(Dispatcher(engine, Directory(list(users)), default_registry()), max_room_lines)
         await router.serve(transport)
@@ -331,6 +332,45 @@ async def test_a_silent_network_is_detected_by_keepalive_and_lines_written_into_
         await proxy.close()
 
 
+async def test_without_echo_message_a_crash_mid_burst_after_the_servers_confirmation_duplicates_nothing(
+        ngircd: Ngircd, bots: BotFactory, humans: Any) -> None:
+    # ngircd has no echo-message: only marker PINGs confirm.  The bot is paced
+    # at 5 lines/s, and the server is killed mid-burst at a moment when it had
+    # confirmed every line written so far.  The old marker (every 10 s while
+    # lines were queued) left no such moment: every line since the last one
+    # was unconfirmed, and all those the server had relayed came twice.
+    # (Not with penalties: ngircd then answers a PING only at its next
+    # once-a-second tick, so up to a second of lines is always unconfirmed.)
+    server = ngircd
+    proxy = await TcpProxy(server.port).start()
+    try:
+        bot = await bots(config(proxy.port, pacing_rate=5.0, pacing_burst=5))
+        human = await humans(server.port, "quinn")
+        await human.join("#ops")
+        sent = [f"line {i:02d}" for i in range(30)]
+        await bot.send(Room("irc", NET, "#ops"), "\n".join(sent))
+        await wait_for(lambda: len(bot_lines(human, BOT)) >= 10 and bot.unconfirmed() == 0 and bot.pending() > 0,
+                       MARKER_AGE - 3)
+        assert "echo-message" not in bot._session.caps   # type: ignore[union-attr]
+        proxy.accepting = False                  # no await since the check: the bot wrote nothing since
+        server.kill()
+        await asyncio.wait_for(human.closed.wait(), 5)
+        before = bot_lines(human, BOT)
+        assert 10 <= len(before) < len(sent)
+
+        server.start()                           # same port, empty state
+        human = await humans(server.port, "quinn")
+        await human.join("#ops")
+        proxy.accepting = True
+        await human.expect(lambda m: m.command == "PRIVMSG" and m.nick == BOT and m.text == sent[-1], 30)
+        await asyncio.sleep(0.5)
+        after = bot_lines(human, BOT)
+        assert before + after == sent            # each line once, in order: no duplicate, no loss
+        assert bot.disconnects == 1
+    finally:
+        await proxy.close()
+
+
 async def test_close_flushes_queued_lines_and_quits(ngircd: Ngircd, bots: BotFactory, humans: Any) -> None:
     bot = await bots(fast(ngircd.port))
     human = await humans(ngircd.port, "ivan")
@@ -411,6 +451,34 @@ async def test_an_impostor_with_the_admins_nick_is_refused_and_the_refusal_logge
     assert any("refused 'cancel 1' from irc:testnet:boss" in m for m in refusals)
 
 
+async def test_a_command_to_the_channels_ops_only_is_answered_to_its_ops_only(
+        tmp_path: Path, bots: BotFactory, humans: Any) -> None:
+    # ngircd has no STATUSMSG; InspIRCd has (ISUPPORT STATUSMSG).  Its own one,
+    # without services, where a channel's creator is an op.
+    ports: set[int] = set()
+    while len(ports) < 3:
+        ports.add(free_port())
+    port, helper_port, link_port = sorted(ports)
+    server = InspircdAnope(tmp_path / "insp", port, helper_port, link_port, channel_modes="not").start(services=False)
+    try:
+        oscar = await humans(server.helper_port, "oscar")
+        await oscar.join("#opsonly")                            # first in: an op
+        await bots(config(server.port, channels=("#opsonly",)))
+        oscar.send(f"MODE #opsonly +o {BOT}")                   # only ops get "@#opsonly" lines
+        await oscar.expect(lambda m: m.command == "MODE" and BOT in m.params)
+        peggy = await humans(server.helper_port, "peggy")       # not an op
+        await peggy.join("#opsonly")
+
+        reply = await oscar.ask("@#opsonly", "!help whoami", BOT)
+        assert (reply.params[0], reply.text) == (
+            "@#opsonly", "oscar: whoami - who the bot thinks you are, and how that was verified")
+        assert await peggy.quiet(BOT, 0.5) == []                # the old answer went to all of #opsonly
+        reply = await peggy.ask("#opsonly", "!help whoami", BOT)    # control: channel command, channel answer
+        assert reply.params[0] == "#opsonly"
+    finally:
+        server.stop()
+
+
 async def test_without_account_tag_accounts_come_from_extended_join_account_notify_and_whox(
         insp: InspircdAnope, bots: BotFactory, humans: Any) -> None:
     early = await humans(insp.helper_port, "early", sasl=ALICE)    # in the channel before the bot: WHOX
@@ -438,6 +506,114 @@ async def test_without_account_tag_accounts_come_from_extended_join_account_noti
     await anon.expect(lambda m: m.command == "901")
     await asyncio.sleep(0.2)
     assert (await anon.ask("#track", "!ps", BOT)).text.startswith("boss: not authorised")
+
+
+async def test_after_a_server_restart_while_services_are_down_the_bot_logs_in_once_they_are_back(
+        own_inspircd_anope: InspircdAnope, bots: BotFactory, humans: Any,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "bot.transports.irc")
+    pair = own_inspircd_anope
+    await asyncio.to_thread(pair.register, BOT_ACCOUNT)
+    bot = await bots(config(pair.port, sasl_account=BOT_ACCOUNT[0], sasl_password=BOT_ACCOUNT[1]),
+                     sasl_recheck=0.5)
+    assert bot.account == BOT_ACCOUNT[0]
+
+    await asyncio.to_thread(pair.stop_services)       # anope saves its accounts and goes
+    pair.kill_ircd()                                   # the ircd crashes ...
+    await asyncio.to_thread(pair.start_ircd)           # ... and comes back, without services: no SASL
+    await wait_for(lambda: bot.connections == 2 and bot.connected, 15)
+    await bot.wait_ready(10)
+    assert bot.account is None
+    assert any("offers no SASL PLAIN" in r.getMessage() and r.levelno >= logging.WARNING for r in caplog.records)
+    human = await humans(pair.helper_port, "nina", caps=("account-tag", "message-tags"))
+    await human.join("#ops")
+    reply = await human.ask("#ops", "!help whoami", BOT)     # it still serves, logged out
+    assert reply.text.startswith("nina: whoami - ") and "account" not in reply.tags
+
+    await asyncio.to_thread(pair.start_services)       # InspIRCd 3 lists sasl again but announces nothing
+    await wait_for(lambda: bot.account == BOT_ACCOUNT[0], 15)
+    reply = await human.ask("#ops", "!help whoami", BOT)
+    assert reply.tags.get("account") == BOT_ACCOUNT[0]        # the server vouches for the bot again
+    assert (bot.connections, bot.disconnects) == (2, 1)       # logged in after registration, no reconnect
+
+
+class NoLateSaslProxy:
+    """Between the bot and InspIRCd, plays a server that takes no SASL after
+    registration (IRCv3 leaves that to the server): once the client was
+    welcomed, its ``CAP REQ :sasl`` is answered ``NAK`` and not passed on.
+    Everything else passes, both ways."""
+
+    def __init__(self, upstream: int) -> None:
+        self.upstream = upstream
+        self.refused = 0
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> "NoLateSaslProxy":
+        self.server = await asyncio.start_server(self._link, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream)
+        self.writers += [writer, up_writer]
+        nick: list[str] = []
+
+        async def down() -> None:
+            while raw := await up_reader.readline():
+                line = parse_line(raw.decode("utf-8", "replace").rstrip("\r\n"))
+                if line.command == "001":
+                    nick.append(line.params[0])
+                writer.write(raw)
+
+        async def up() -> None:
+            while raw := await reader.readline():
+                line = parse_line(raw.decode("utf-8", "replace").rstrip("\r\n"))
+                if nick and line.command == "CAP" and line.params[:1] == ["REQ"] and "sasl" in line.text.split():
+                    self.refused += 1
+                    writer.write(f":irc.test.local CAP {nick[0]} NAK :{line.text}\r\n".encode())
+                    continue
+                up_writer.write(raw)
+
+        try:
+            await asyncio.gather(down(), up())
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+            up_writer.close()
+
+    async def close(self) -> None:
+        self.server.close()
+        for writer in self.writers:
+            writer.close()
+
+
+async def test_a_server_refusing_sasl_after_registration_gets_a_clean_reconnect_and_the_bot_logs_in(
+        own_inspircd_anope: InspircdAnope, bots: BotFactory, humans: Any,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "bot.transports.irc")
+    pair = own_inspircd_anope
+    await asyncio.to_thread(pair.register, BOT_ACCOUNT)
+    await asyncio.to_thread(pair.stop_services)
+    proxy = await NoLateSaslProxy(pair.port).start()
+    try:
+        bot = await bots(config(proxy.port, sasl_account=BOT_ACCOUNT[0], sasl_password=BOT_ACCOUNT[1]),
+                         sasl_recheck=0.5)
+        assert bot.account is None
+        human = await humans(pair.helper_port, "olga")
+        await human.join("#ops")
+
+        await asyncio.to_thread(pair.start_services)
+        await wait_for(lambda: bot.account == BOT_ACCOUNT[0] and bot.connected, 20)
+        assert proxy.refused == 1
+        quit_line = await human.expect(lambda m: m.command == "QUIT" and m.nick == BOT)
+        assert "reconnecting to log in" in quit_line.text
+        assert (bot.connections, bot.disconnects) == (2, 0)         # a chosen reconnect, not a lost link
+        assert any("reconnecting to log in while registering" in r.getMessage() for r in caplog.records)
+        await bot.wait_ready(10)
+        assert (await human.ask("#ops", "!help whoami", BOT)).text.startswith("olga: whoami - ")
+    finally:
+        await proxy.close()
 
 
 async def test_the_bot_ignores_its_own_echoed_lines(
@@ -679,6 +855,38 @@ def test_parse_config_reads_the_password_from_the_environment(monkeypatch: pytes
     assert "s3cret" not in repr(cfg)
 
 
+@pytest.mark.parametrize("host, tls, refused", [
+    ("irc.libera.chat", False, True),
+    ("10.1.2.3", False, True),
+    ("irc.libera.chat", True, False),
+    ("127.0.0.1", False, False),
+    ("127.3.2.1", False, False),
+    ("localhost", False, False),
+    ("::1", False, False),
+])
+def test_parse_config_refuses_a_sasl_password_in_plain_text_except_to_loopback(
+        monkeypatch: pytest.MonkeyPatch, host: str, tls: bool, refused: bool) -> None:
+    monkeypatch.setenv("RELEASEBOT_TEST_IRC_PW", "s3cret")
+    cfg, problems = parse_config(network_node(f"""\
+        networks:
+          - protocol: irc
+            name: libera
+            host: "{host}"
+            tls: {"true" if tls else "false"}
+            nick: releasebot
+            sasl_password_env: RELEASEBOT_TEST_IRC_PW
+        """), "bot.yaml")
+    if refused:
+        assert cfg is None
+        assert [str(p) for p in problems] == [
+            "bot.yaml:7: irc network 'libera': sasl_password_env: SASL PLAIN sends the password readable by "
+            "anyone on the way; needs tls: true (plain text only to a loopback host)"]
+        assert not any("s3cret" in str(p) for p in problems)
+    else:
+        assert problems == [] and cfg is not None and cfg.sasl_password == "s3cret"
+    assert is_loopback(host) == (host in ("127.0.0.1", "127.3.2.1", "localhost", "::1"))
+
+
 def test_parse_config_ca_file_must_be_an_existing_file(tmp_path: Path) -> None:
     bundle = tmp_path / "ca.pem"
     bundle.write_text("-----BEGIN CERTIFICATE-----\n")
@@ -739,6 +947,35 @@ async def test_a_taken_nick_makes_the_bot_use_another_and_answer_to_that(
     assert reply.text.startswith("releasebot: whoami - ")
     squatter.say("#ops", f"{BOT}: help")                    # addressed to the squatter, not the bot
     assert await squatter.quiet(bot.nick, 0.3) == []
+
+
+async def test_the_bot_takes_its_nick_back_as_soon_as_the_holder_quits(
+        ngircd: Ngircd, bots: BotFactory, humans: Any) -> None:
+    holder = await humans(ngircd.port, BOT)                  # e.g. the bot's own ghost, in the bot's channel
+    await holder.join("#ops")
+    bot = await bots(fast(ngircd.port), nick_retry=3600)     # no periodic retry within the test: the QUIT it is
+    assert bot.nick == BOT + "_"
+    await holder.close()
+    await wait_for(lambda: bot.nick == BOT, 3)
+    human = await humans(ngircd.port, "rita")
+    await human.join("#ops")
+    assert (await human.ask("#ops", f"{BOT}: help whoami", BOT)).text.startswith("rita: whoami - ")
+
+
+async def test_the_bot_retries_its_nick_periodically_when_it_cannot_see_the_holder_leave(
+        ngircd: Ngircd, bots: BotFactory, humans: Any) -> None:
+    holder = await humans(ngircd.port, BOT)                  # shares no channel with the bot
+    bot = await bots(fast(ngircd.port), nick_retry=0.3)
+    assert bot.nick == BOT + "_"
+    human = await humans(ngircd.port, "sam")
+    await human.join("#ops")
+    await asyncio.sleep(1.0)                                 # a few refused tries: nothing changes
+    assert bot.nick == BOT + "_" and bot.connections == 1
+    assert (await human.ask("#ops", f"{BOT}_: help whoami", BOT + "_")).text.startswith("sam: whoami - ")
+    await holder.close()
+    await wait_for(lambda: bot.nick == BOT, 3)
+    nick = await human.expect(lambda m: m.command == "NICK" and m.nick == BOT + "_")
+    assert nick.params[0] == BOT
 
 
 def test_reconnect_backoff_doubles_with_jitter_up_to_the_maximum() -> None:

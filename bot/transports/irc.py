@@ -12,7 +12,9 @@ does it in a way that does not fit asyncio (see ../shared/test-servers.md §2):
   A nick alone never counts;
 * one paced send queue (``bot.pacing.TokenBucket``; the library's
   ``set_rate_limit`` sleeps and would block the event loop);
-* keepalive PINGs, reconnection with exponential backoff and jitter.
+* keepalive PINGs, reconnection with exponential backoff and jitter;
+* the configured nick taken back when its holder (often our own ghost)
+  leaves, and a SASL login made late when services were down at connect.
 
 Nothing from the ``irc`` library leaves this module: incoming lines become
 ``bot.chat.Message`` and library errors become ``TransportError``.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import logging
 import os
 import random
@@ -61,8 +64,31 @@ DEFAULT_BURST = 5
 
 REGISTRATION_TIMEOUT = 60.0     # TCP connect + CAP/SASL + welcome
 STABLE_AFTER = 30.0             # a connection that lived this long resets the backoff
-MARKER_AGE = 10.0               # without echo-message: confirm at least this often while sending
+# Without echo-message a ``PING :marker`` confirms every line written before
+# it.  One marker is outstanding at a time, and the next goes out as soon as
+# the last was answered and lines were written since, so after a crash only
+# the lines of about one round trip are resent twice.  A marker is a command
+# like any other (InspIRCd's fakelag and ngircd's penalty count PING, measured),
+# so it spends a token: while lines wait for tokens it is written after at most
+# MARKER_LINES lines (or MARKER_AGE seconds), not after every line, which would
+# halve the paced rate; when a token is spare it delays nothing and goes at once.
+MARKER_LINES = 4
+MARKER_AGE = 10.0
 ECHO_GRACE = 3.0                # with echo-message: a line not echoed by then gets a marker PING
+# While the bot is not on its configured nick (taken at connect, e.g. by its
+# own ghost), it asks for it again this often (jittered 2/3..4/3), and at once
+# when the holder is seen to quit or change nick.
+NICK_RETRY = 45.0
+# While SASL is configured but the server did not offer it at registration
+# (services down or still linking), CAP LS is asked again this often
+# (jittered), besides listening for CAP NEW: InspIRCd 3 lists ``sasl`` again
+# once services link but announces nothing (measured).  Then the bot logs in
+# after registration; if the server refuses that (or does not answer within
+# SASL_LATE_TIMEOUT), the bot QUITs and reconnects to log in while
+# registering, at most once per RELOGIN_INTERVAL.
+SASL_RECHECK = 60.0
+SASL_LATE_TIMEOUT = 30.0
+RELOGIN_INTERVAL = 600.0
 MAX_BATCH = 32                  # lines per socket write at most (then yield to the loop)
 IRC_LINE_BYTES = 512            # including CR LF (RFC 1459 / 2812)
 MAX_HOST = 63                   # assumed for our own host until the server tells us
@@ -192,6 +218,9 @@ def parse_config(node: Any, file: str) -> tuple[IrcConfig | None, list[Problem]]
             account = nick
     elif account is not None:
         problem("sasl_account", "sasl_account: needs sasl_password_env (the variable holding its password)")
+    if env is not None and tls is False and host is not None and not is_loopback(host):
+        problem("sasl_password_env", "sasl_password_env: SASL PLAIN sends the password readable by anyone "
+                                     "on the way; needs tls: true (plain text only to a loopback host)")
     channels = get("channels", list, [])
     good_channels: list[str] = []
     for ch in channels:
@@ -219,6 +248,17 @@ def parse_config(node: Any, file: str) -> tuple[IrcConfig | None, list[Problem]]
                      pacing_burst=burst, reconnect_min=rmin, reconnect_max=rmax,
                      allow_hostmask=allow_hostmask, use_notice=use_notice, ping_interval=ping_interval,
                      ping_timeout=ping_timeout), []
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: traffic that never leaves the machine."""
+    name = host.strip().strip("[]").rstrip(".").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 # -- text helpers --------------------------------------------------------------------------
@@ -299,6 +339,13 @@ class _Reactor(irc.client_aio.AioReactor):
     connection_class = _Connection
 
 
+class _Bucket(TokenBucket):
+    def tokens(self) -> float:
+        """Tokens available now."""
+        self._refill()
+        return self._tokens
+
+
 @dataclass
 class _Line:
     command: str                 # PRIVMSG | NOTICE
@@ -327,7 +374,12 @@ class _Session:
         self.offered: dict[str, str | None] = {}
         self.caps: set[str] = set()
         self.cap_ended = False
-        self.sasl_started = False
+        self.sasl_started = False                     # SASL tried while registering
+        self.ls_fresh = False                         # a CAP LS re-check is under way: forget the old list
+        self.late_sasl: str | None = None             # after registration: requested | authenticating | done | failed
+        self.late_sasl_since = 0.0
+        self.quitting: str | None = None              # QUIT with this once every written line is confirmed
+        self.relogin = False                          # left with that QUIT, to log in while registering again
         self.isupport: dict[str, str | bool] = {}
         self.fold: Callable[[str], str] = casefolder("rfc1459")
         self.control: deque[str] = deque()            # JOIN/WHO/PING, ahead of messages
@@ -335,6 +387,8 @@ class _Session:
         self.marker_count = 0
         self.last_rx = owner.clock()
         self.last_ping = 0.0
+        self.next_nick_try = 0.0
+        self.next_sasl_check = 0.0
         self.pending_joins: set[str] = set()
         self.joined: set[str] = set()
         # account tracking without account-tag: nick -> account (None: known logged out)
@@ -418,19 +472,26 @@ class _Session:
         caps = args[-1].split()
         cfg = self.owner.config
         if sub == "LS":
+            if self.ls_fresh:
+                self.offered.clear()
+                self.ls_fresh = False
             for cap in caps:
                 key, _, value = cap.partition("=")
                 self.offered[key] = value or None
-            if more or self.cap_ended:
+            if more:
+                return
+            if self.cap_ended:                      # the answer to a re-check after registration
+                self.try_late_sasl()
                 return
             want = [c for c in cfg.request_caps if c in self.offered]
-            if cfg.sasl_account and cfg.sasl_password:
-                mechs = self.offered.get("sasl", "")
-                if "sasl" in self.offered and (mechs is None or "PLAIN" in mechs.upper().split(",")):
+            if self.wants_sasl():
+                if self.offers_sasl_plain():
                     want.append("sasl")
                 else:
-                    log.error("%s: the server offers no SASL PLAIN; continuing without logging in as %s",
-                              cfg.name, cfg.sasl_account)
+                    log.warning("%s: the server offers no SASL PLAIN (services down or still linking?); "
+                                "continuing without logging in as %s until it does", cfg.name, cfg.sasl_account)
+                    if "cap-notify" in self.offered:    # implied by CAP LS 302; asked for if listed
+                        want.append("cap-notify")
             if want:
                 self.write("CAP REQ :" + " ".join(want))
             else:
@@ -441,7 +502,11 @@ class _Session:
                     self.caps.discard(cap[1:])
                 else:
                     self.caps.add(cap)
-            if more or self.cap_ended:
+            if more:
+                return
+            if self.cap_ended:
+                if "sasl" in caps and self.late_sasl == "requested":
+                    self._late_authenticate()
                 return
             if "sasl" in self.caps and not self.sasl_started:
                 self.sasl_started = True
@@ -449,6 +514,9 @@ class _Session:
             else:
                 self.end_cap()
         elif sub == "NAK":
+            if self.cap_ended and "sasl" in caps and self.late_sasl == "requested":
+                self.owner._relogin(self, "CAP REQ sasl refused")
+                return
             log.warning("%s: the server refused capabilities %s", cfg.name, sanitise(" ".join(caps)))
             self.end_cap()
         elif sub == "NEW":
@@ -460,10 +528,62 @@ class _Session:
             if want and self.cap_ended:
                 self.control.append("CAP REQ :" + " ".join(c.partition("=")[0] for c in want))
                 self.owner._wake.set()
+            if any(c.partition("=")[0] == "sasl" for c in caps):
+                self.try_late_sasl()
         elif sub == "DEL":
             for cap in caps:
                 self.caps.discard(cap)
                 self.offered.pop(cap, None)
+
+    def wants_sasl(self) -> bool:
+        cfg = self.owner.config
+        return bool(cfg.sasl_account and cfg.sasl_password) and self.owner.account is None
+
+    def offers_sasl_plain(self) -> bool:
+        if "sasl" not in self.offered:
+            return False
+        mechs = self.offered["sasl"]
+        return mechs is None or "PLAIN" in mechs.upper().split(",")
+
+    def recheck_caps(self) -> None:
+        """Ask for the server's capabilities again (SASL may be offered now)."""
+        self.ls_fresh = True
+        self.control.append("CAP LS 302")
+        self.owner._wake.set()
+
+    def try_late_sasl(self) -> None:
+        """Log in after registration, once the server offers SASL (IRCv3 allows
+        it; InspIRCd 3 does it).  Only when it was not offered while registering:
+        a refusal then (a wrong password) stands."""
+        if (not self.registered.is_set() or not self.wants_sasl() or self.sasl_started
+                or self.late_sasl is not None or self.quitting is not None or not self.offers_sasl_plain()):
+            return
+        log.info("%s: the server offers SASL now; logging in as %s", self.owner.config.name,
+                 self.owner.config.sasl_account)
+        self.late_sasl_since = self.owner.clock()
+        if "sasl" in self.caps:
+            self._late_authenticate()
+        else:
+            self.late_sasl = "requested"
+            self.control.append("CAP REQ :sasl")
+            self.owner._wake.set()
+
+    def _late_authenticate(self) -> None:
+        self.late_sasl = "authenticating"
+        self.late_sasl_since = self.owner.clock()
+        self.control.append("AUTHENTICATE PLAIN")
+        self.owner._wake.set()
+
+    def _late_refused(self, event: Any) -> None:
+        # A server that does not take SASL after registration: 421 for
+        # AUTHENTICATE or CAP, 462, or FAIL AUTHENTICATE (standard replies).
+        if self.late_sasl not in ("requested", "authenticating"):
+            return
+        words = [str(event.target or "").upper(), *(str(a).upper() for a in event.arguments[:1])]
+        if event.type == "alreadyregistered" or "AUTHENTICATE" in words or "CAP" in words:
+            self.owner._relogin(self, f"{event.type} {sanitise(' '.join(map(str, event.arguments)), 80)}")
+
+    _ev_alreadyregistered = _ev_unknowncommand = _ev_fail = _late_refused
 
     def end_cap(self) -> None:
         if not self.cap_ended:
@@ -488,9 +608,15 @@ class _Session:
         log.info("%s: logged in as %s", self.owner.config.name, account)
 
     def _ev_saslsuccess(self, event: Any) -> None:
+        if self.late_sasl == "authenticating":
+            self.late_sasl = "done"
         self.end_cap()
 
     def _sasl_failed(self, event: Any) -> None:
+        if self.late_sasl in ("requested", "authenticating"):
+            # After registration a refusal may only mean "not now": ask again while registering.
+            self.owner._relogin(self, sanitise(" ".join(map(str, event.arguments[-1:]))))
+            return
         log.error("%s: SASL login as %s failed (%s); continuing without an account", self.owner.config.name,
                   self.owner.config.sasl_account, sanitise(" ".join(map(str, event.arguments))))
         self.owner.account = None
@@ -520,7 +646,8 @@ class _Session:
             self.fold = casefolder(str(self.isupport["CASEMAPPING"]).lower())
 
     def _bad_nick(self, event: Any) -> None:
-        if self.registered.is_set():
+        if self.registered.is_set():     # our own NICK to regain the configured nick: try again later
+            log.debug("%s: nick %s is still taken", self.owner.config.name, self.owner.config.nick)
             return
         self.nick_tries += 1
         base = self.owner.config.nick
@@ -593,7 +720,11 @@ class _Session:
         old, new = event.source.nick, str(event.target)
         if self._is_me(old):
             self.nick = new
+            if self.has_own_nick():
+                log.info("%s: regained the nick %s", self.owner.config.name, sanitise(new))
             return
+        if self._holds_our_nick(old):
+            self.regain_nick()
         for table in (self.accounts, self.members):
             if self.fold(old) in table:
                 table[self.fold(new)] = table.pop(self.fold(old))  # type: ignore[assignment]
@@ -606,6 +737,23 @@ class _Session:
 
     def _ev_quit(self, event: Any) -> None:
         self._forget(event.source.nick)
+        if self._holds_our_nick(event.source.nick):
+            self.regain_nick()
+
+    # our own nick, taken at connect (by someone, or by our own ghost)
+
+    def has_own_nick(self) -> bool:
+        return self.fold(self.nick) == self.fold(self.owner.config.nick)
+
+    def _holds_our_nick(self, nick: str) -> bool:
+        return not self.has_own_nick() and self.fold(nick) == self.fold(self.owner.config.nick)
+
+    def regain_nick(self) -> None:
+        if not self.registered.is_set() or self.has_own_nick() or self.quitting is not None:
+            return
+        self.next_nick_try = self.owner.clock() + self.owner.nick_retry * (2 / 3 + self.owner.rng() * 2 / 3)
+        self.control.append(f"NICK {self.owner.config.nick}")
+        self.owner._wake.set()
 
     def _left(self, nick: str, channel: str) -> None:
         chan = self.fold(channel)
@@ -676,10 +824,13 @@ class _Session:
 
     def _ev_privmsg(self, event: Any) -> None:
         target = str(event.target)
-        statusmsg = str(self.isupport.get("STATUSMSG", "@+"))
-        channel = target.lstrip(statusmsg)
-        if channel != target and irc.client.is_channel(channel):   # "@#ops": to the channel's ops
-            self.owner._incoming(self, event, channel)
+        statusmsg = self.isupport.get("STATUSMSG")
+        chantypes = self.isupport.get("CHANTYPES")
+        chantypes = chantypes if isinstance(chantypes, str) and chantypes else "#&+!"
+        if (isinstance(statusmsg, str) and len(target) > 1 and target[0] in statusmsg
+                and target[1] in chantypes):
+            # "@#ops": to the channel's ops only, and so is the answer (the room is "@#ops")
+            self.owner._incoming(self, event, target)
         else:
             self.owner._incoming(self, event, None)
 
@@ -700,20 +851,30 @@ class IrcTransport:
     sent again, first and in order, once reconnected.  So no queued line is
     lost while the bot runs, and the only possible duplicate is a line the
     server processed just as the connection died, before its confirmation
-    came back: with echo-message the line in flight (about one round trip),
-    without it the lines since the last marker (at most MARKER_AGE seconds'
-    worth).  Lines still queued when ``close`` gives up flushing are logged
+    came back: with echo-message the lines of about one round trip; without
+    it the lines written since the last answered marker, which is about one
+    round trip's worth too while the token bucket has a token to spare, and
+    at most MARKER_LINES lines (or MARKER_AGE seconds) while lines wait for
+    tokens.  Lines still queued when ``close`` gives up flushing are logged
     as not delivered.
+
+    Also kept up in the background: the configured nick (regained when its
+    holder leaves, or tried every ``nick_retry`` seconds), and the SASL login
+    when the server could not offer it at connect (see SASL_RECHECK).
     """
 
     protocol = "irc"
 
     def __init__(self, config: IrcConfig, *, clock: Callable[[], float] = time.monotonic,
-                 rng: Callable[[], float] = random.random) -> None:
+                 rng: Callable[[], float] = random.random, nick_retry: float = NICK_RETRY,
+                 sasl_recheck: float = SASL_RECHECK) -> None:
         self.config = config
         self.network = config.name
         self.clock = clock
         self.rng = rng
+        self.nick_retry = nick_retry              # seconds between tries to regain the configured nick
+        self.sasl_recheck = sasl_recheck          # seconds between CAP LS while SASL is not offered
+        self._relogin_at: float | None = None     # when the bot last reconnected to log in
         self.account: str | None = None          # the bot's own services account, once logged in
         self.disconnects = 0                      # registered connections lost (not counting close())
         self.connections = 0                      # registered connections made
@@ -803,6 +964,10 @@ class IrcTransport:
         """Lines queued or awaiting the server's confirmation."""
         return len(self._outbox) + len(self._unconfirmed)
 
+    def unconfirmed(self) -> int:
+        """Lines written but not yet confirmed: what a crash now could make the server see twice."""
+        return len(self._unconfirmed)
+
     # -- connection supervision ---------------------------------------------------------------
 
     def _backoff(self, attempt: int) -> float:
@@ -830,9 +995,12 @@ class IrcTransport:
                     session.pending_joins = {session.fold(c) for c in self.config.channels}
                     session.control.append("JOIN " + ",".join(self.config.channels))
                 self._check_ready(session)
-                workers = [asyncio.create_task(self._pump(session)), asyncio.create_task(self._keepalive(session))]
+                workers = [asyncio.create_task(self._pump(session)), asyncio.create_task(self._maintain(session))]
                 await session.lost.wait()
-                if not self._closed:
+                if session.relogin:
+                    log.info("%s: left %s:%d to log in again", self.network, self.config.host,
+                             self.config.server_port)
+                elif not self._closed:
                     self.disconnects += 1
                     log.warning("%s: disconnected from %s:%d", self.network, self.config.host,
                                 self.config.server_port)
@@ -922,6 +1090,25 @@ class IrcTransport:
                 self._confirm(line.seq)
                 return
 
+    def _relogin(self, session: _Session, why: str) -> None:
+        """SASL after registration did not work: QUIT (once every written line
+        is confirmed) and reconnect, to log in while registering; at most once
+        per RELOGIN_INTERVAL, otherwise go on without an account."""
+        if session.late_sasl == "failed" or session.quitting is not None:
+            return
+        session.late_sasl = "failed"
+        cfg = self.config
+        now = self.clock()
+        if self._relogin_at is not None and now - self._relogin_at < RELOGIN_INTERVAL:
+            log.warning("%s: logging in as %s after registration failed (%s); continuing without an account",
+                        self.network, cfg.sasl_account, why)
+            return
+        self._relogin_at = now
+        log.warning("%s: logging in as %s after registration failed (%s); reconnecting to log in while "
+                    "registering", self.network, cfg.sasl_account, why)
+        session.quitting = "reconnecting to log in"
+        self._wake.set()
+
     def _check_ready(self, session: _Session) -> None:
         if session is self._session and session.registered.is_set() and not session.pending_joins:
             self._ready.set()
@@ -935,10 +1122,11 @@ class IrcTransport:
             self._wake.set()
 
     async def _write_loop(self, session: _Session) -> None:
-        """The one writer of a connection: control lines first, then messages,
-        then a confirmation marker; every line spends a token.  Lines that may
-        go at once are written together, before the writer next waits."""
-        bucket = TokenBucket(self.config.pacing_rate, self.config.pacing_burst, self.clock)
+        """The one writer of a connection: control lines first, then a
+        confirmation marker when one is due, then messages; every line spends a
+        token.  Lines that may go at once are written together, before the
+        writer next waits."""
+        bucket = _Bucket(self.config.pacing_rate, self.config.pacing_burst, self.clock)
         batch: list[str] = []
 
         def flush() -> None:
@@ -948,13 +1136,16 @@ class IrcTransport:
 
         while session.alive:
             outbox, unconfirmed = self._outbox, self._unconfirmed
-            if "echo-message" in session.caps:   # echoes confirm; a marker only for lines never echoed
-                want_marker = (bool(unconfirmed) and session.marker is None
-                               and self.clock() - unconfirmed[0].written >= ECHO_GRACE)
-            else:
-                want_marker = bool(unconfirmed) and session.marker is None and (
-                    not outbox or self.clock() - unconfirmed[0].written >= MARKER_AGE)
-            if not (session.control or outbox or want_marker):
+            quitting = session.quitting is not None
+            if quitting and not session.control and not unconfirmed:
+                flush()                         # all confirmed: nothing can be lost or doubled by leaving
+                session.relogin = True
+                session.close(session.quitting or "")
+                self._wake.set()
+                return
+            sending = bool(outbox) and not quitting
+            want_marker = self._marker_due(session, bucket, sending)
+            if not (session.control or sending or want_marker):
                 flush()
                 self._wake.clear()
                 try:
@@ -988,22 +1179,51 @@ class IrcTransport:
                 unconfirmed.append(sent)
             bucket.take()
 
-    async def _keepalive(self, session: _Session) -> None:
+    def _marker_due(self, session: _Session, bucket: "_Bucket", sending: bool) -> bool:
+        """Whether to write a confirmation marker now (see MARKER_LINES)."""
+        unconfirmed = self._unconfirmed
+        if not unconfirmed or session.marker is not None:     # nothing to confirm, or one already on its way
+            return False
+        if session.quitting is not None:
+            return True
+        age = self.clock() - unconfirmed[0].written
+        if "echo-message" in session.caps:                     # echoes confirm; a marker only for lines never echoed
+            return age >= ECHO_GRACE
+        return (not sending                                    # nothing else to write
+                or bucket.tokens() >= 2                        # a spare token: the marker delays no line
+                or len(unconfirmed) >= MARKER_LINES            # every line since the last marker
+                or age >= MARKER_AGE)
+
+    async def _maintain(self, session: _Session) -> None:
+        """Keepalive; regaining the configured nick; re-checking for SASL."""
         cfg = self.config
-        step = max(0.05, min(cfg.ping_interval, cfg.ping_timeout) / 4)
+        step = max(0.05, min(cfg.ping_interval, cfg.ping_timeout, self.nick_retry, self.sasl_recheck) / 4)
+        now = self.clock()
+        session.next_nick_try = now + self.nick_retry * (2 / 3 + self.rng() * 2 / 3)
+        session.next_sasl_check = now + self.sasl_recheck * (2 / 3 + self.rng() * 2 / 3)
         while session.alive:
             await asyncio.sleep(step)
-            silent = self.clock() - session.last_rx
+            now = self.clock()
+            silent = now - session.last_rx
             if silent >= cfg.ping_interval + cfg.ping_timeout:
                 log.warning("%s: nothing from the server for %.0fs; dropping the connection",
                             self.network, silent)
                 session.abort()
                 self._wake.set()
                 return
-            if silent >= cfg.ping_interval and self.clock() - session.last_ping >= cfg.ping_interval:
-                session.last_ping = self.clock()
+            if silent >= cfg.ping_interval and now - session.last_ping >= cfg.ping_interval:
+                session.last_ping = now
                 session.control.append(f"PING :keepalive{session.number}")
                 self._wake.set()
+            if not session.has_own_nick() and now >= session.next_nick_try:
+                session.regain_nick()
+            if (session.late_sasl in ("requested", "authenticating")
+                    and now - session.late_sasl_since >= SASL_LATE_TIMEOUT):
+                self._relogin(session, f"no answer in {SASL_LATE_TIMEOUT:.0f}s")
+            if (session.wants_sasl() and not session.sasl_started and session.late_sasl is None
+                    and session.offered and now >= session.next_sasl_check):
+                session.next_sasl_check = now + self.sasl_recheck * (2 / 3 + self.rng() * 2 / 3)
+                session.recheck_caps()
 
     # -- incoming ---------------------------------------------------------------------------------
 

@@ -3,7 +3,9 @@ Anope 2 pair (NickServ, SASL, IRCv3 account-tag), all on 127.0.0.1 with free
 ports and per-run temp dirs.  Configs and gotchas: ../shared/test-servers.md §2.
 
 The InspIRCd pair takes ~3 s to link, so it is started once per session;
-tests register their NickServ accounts through it (``insp.register``).  It
+tests register their NickServ accounts through it (``insp.register``).  A
+test that stops or restarts its servers gets a pair of its own
+(``own_inspircd_anope``).  It
 listens on two client ports: ``port`` uses InspIRCd's DEFAULT connect class
 (no flood/rate attributes, so the bot is tested against real fakelag and
 RecvQ limits), ``helper_port`` a relaxed class for the test's own clients.
@@ -147,7 +149,7 @@ INSPIRCD_CONF = """\
 <type name="NetAdmin" classes="Shutdown" vhost="netadmin.test.local">
 <oper name="admin" password="adminpw" host="*@127.0.0.1" type="NetAdmin">
 <dns timeout="1">
-<options allowzerolimit="no" defaultmodes="nt">
+<options allowzerolimit="no" defaultmodes="{channel_modes}">
 <security runasuser="" hidesplits="no">
 <performance netbuffersize="10240" somaxconn="128" softlimit="1024" clonesonconnect="no" timeskipwarn="2s">
 <log method="file" type="* -USERINPUT -USEROUTPUT" level="default" target="&dir;/logs/ircd.log">
@@ -236,15 +238,27 @@ class RawClient:
 
 @dataclass
 class InspircdAnope:
+    """InspIRCd with Anope linked to it.  Each can be stopped and started on
+    its own (same ports, same account database): ``stop_services`` (SIGTERM,
+    anope saves its accounts), ``kill_ircd`` (SIGKILL), ``start_ircd``,
+    ``start_services`` (returns once NickServ answers)."""
+
     dir: Path
     port: int            # DEFAULT connect class: the bot connects here
     helper_port: int     # relaxed class for the tests' own clients
     link_port: int
-    procs: list[subprocess.Popen] = field(default_factory=list)
+    ircd: subprocess.Popen | None = None
+    services: subprocess.Popen | None = None
     accounts: dict[str, str] = field(default_factory=dict)
     host: str = "127.0.0.1"
+    channel_modes: str = "nt"    # a new channel's modes; "not": its creator is an op
 
-    def start(self) -> "InspircdAnope":
+    @property
+    def procs(self) -> list[subprocess.Popen]:
+        return [p for p in (self.ircd, self.services) if p is not None]
+
+    def start(self, services: bool = True) -> "InspircdAnope":
+        """Both servers; ``services=False``: InspIRCd alone (ready in ~0.1 s)."""
         insp, anope = self.dir / "insp", self.dir / "anope"
         for sub in ("conf", "data", "logs", "run"):
             (insp / sub).mkdir(parents=True, exist_ok=True)
@@ -252,7 +266,8 @@ class InspircdAnope:
             (anope / sub).mkdir(parents=True, exist_ok=True)
         (insp / "conf" / "motd.txt").write_text("test\n")
         (insp / "conf" / "inspircd.conf").write_text(INSPIRCD_CONF.format(
-            dir=insp, port=self.port, helper_port=self.helper_port, link_port=self.link_port))
+            dir=insp, port=self.port, helper_port=self.helper_port, link_port=self.link_port,
+            channel_modes=self.channel_modes))
         nickserv = Path("/etc/anope/nickserv.conf").read_text()
         nickserv = (nickserv.replace("forceemail = yes", "forceemail = no")
                     .replace("regdelay = 30s", "regdelay = 0s")
@@ -263,19 +278,42 @@ class InspircdAnope:
         (anope / "conf" / "services.conf").write_text(ANOPE_SERVICES_CONF.format(
             dir=anope, link_port=self.link_port))
         (anope / "db" / "anope.db").unlink(missing_ok=True)   # a fresh account database every run
-        inspircd, anope_bin = require_binary("inspircd"), require_binary("anope")
         try:
-            self.procs.append(self._spawn([inspircd, "--nofork", "--runasroot",
-                                           f"--config={insp / 'conf' / 'inspircd.conf'}"], insp / "logs" / "stdout.log"))
-            wait_port(self.link_port, 10, self.procs[0])
-            self.procs.append(self._spawn([anope_bin, "--nofork", f"--confdir={anope / 'conf'}",
-                                           f"--dbdir={anope / 'db'}", f"--logdir={anope / 'logs'}",
-                                           "--modulesdir=/usr/lib/anope"], anope / "logs" / "stdout.log"))
-            self._wait_services(20)
+            self.start_ircd()
+            if services:
+                self.start_services()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def start_ircd(self) -> None:
+        insp = self.dir / "insp"
+        self.ircd = self._spawn([require_binary("inspircd"), "--nofork", "--runasroot",
+                                 f"--config={insp / 'conf' / 'inspircd.conf'}"], insp / "logs" / "stdout.log")
+        for port in (self.link_port, self.port, self.helper_port):
+            wait_port(port, 10, self.ircd)
+
+    def kill_ircd(self) -> None:
+        """SIGKILL: the server vanishes without a goodbye (services lose their link)."""
+        if self.ircd is not None and self.ircd.poll() is None:
+            self.ircd.kill()
+            self.ircd.wait(5)
+        self.ircd = None
+
+    def start_services(self, timeout: float = 20) -> None:
+        """Anope, with the accounts it saved when it last stopped; returns once linked."""
+        anope = self.dir / "anope"
+        self.services = self._spawn([require_binary("anope"), "--nofork", f"--confdir={anope / 'conf'}",
+                                     f"--dbdir={anope / 'db'}", f"--logdir={anope / 'logs'}",
+                                     "--modulesdir=/usr/lib/anope"], anope / "logs" / "stdout.log")
+        self._wait_services(timeout)
+
+    def stop_services(self) -> None:
+        """SIGTERM: anope writes its account database and leaves."""
+        if self.services is not None:
+            stop(self.services)
+        self.services = None
 
     @staticmethod
     def _spawn(argv: list[str], log_path: Path) -> subprocess.Popen:
@@ -287,7 +325,8 @@ class InspircdAnope:
 
     def _wait_services(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        wait_port(self.helper_port, timeout, self.procs[0])
+        assert self.ircd is not None
+        wait_port(self.helper_port, timeout, self.ircd)
         client = RawClient(self.helper_port, "readiness")
         try:
             while time.monotonic() < deadline:
@@ -328,6 +367,7 @@ class InspircdAnope:
     def stop(self) -> None:
         for proc in reversed(self.procs):   # services first: anope writes anope.db on exit
             stop(proc)
+        self.ircd = self.services = None
 
 
 # -- an asyncio client that plays the human --------------------------------------------------
@@ -522,12 +562,10 @@ def ngircd_tls(tmp_path: Path, tls_ca: ThrowawayCA) -> Iterator[Ngircd]:
         server.stop()
 
 
-@pytest.fixture(scope="session")
-def inspircd_anope() -> Iterator[InspircdAnope]:
-    """One InspIRCd + Anope pair for the whole session (linked in ~3 s)."""
+def _pair(prefix: str) -> Iterator[InspircdAnope]:
     require_binary("inspircd")
     require_binary("anope")
-    base = Path(tempfile.mkdtemp(prefix="irc-insp-"))
+    base = Path(tempfile.mkdtemp(prefix=prefix))
     ports: set[int] = set()
     while len(ports) < 3:
         ports.add(free_port())
@@ -540,3 +578,16 @@ def inspircd_anope() -> Iterator[InspircdAnope]:
         pair.stop()
         if os.environ.get("KEEP_SERVER_DIRS") != "1":
             shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def inspircd_anope() -> Iterator[InspircdAnope]:
+    """One InspIRCd + Anope pair for the whole session (linked in ~3 s)."""
+    yield from _pair("irc-insp-")
+
+
+@pytest.fixture
+def own_inspircd_anope() -> Iterator[InspircdAnope]:
+    """A pair of the test's own, to stop and restart (``kill_ircd``,
+    ``stop_services`` ...) without disturbing the session's pair."""
+    yield from _pair("irc-insp-own-")
