@@ -38,6 +38,7 @@ class Identity:
     account: str | None = None
     verified_by: str = UNVERIFIED
     hostmask: str | None = None   # IRC nick!user@host, for the explicit hostmask fallback
+    origin: str | None = None     # where they connect from (IRC: the host), for rate limits only
 
     def __str__(self) -> str:
         return f"{self.protocol}:{self.network}:{self.handle}"

@@ -156,8 +156,8 @@ def rate_key(caller: Caller) -> str:
     if caller.user is not None:
         return f"user:{caller.user.name}"
     ident = caller.identity
-    if ident.protocol == "irc" and ident.hostmask and "@" in ident.hostmask:
-        return f"irc:{ident.network}:host:{ident.hostmask.rsplit('@', 1)[1].lower()}"
+    if ident.origin:
+        return f"{ident.protocol}:{ident.network}:from:{ident.origin.lower()}"
     return f"{ident.protocol}:{ident.network}:{ident.handle}"
 
 

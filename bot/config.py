@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -97,10 +98,21 @@ def _names(value: Any) -> list[str] | None:
     return None
 
 
-def _catch_all(mask: str) -> bool:
-    """A hostmask whose host part is only wildcards and dots matches (almost) anyone."""
+def _too_broad(mask: str) -> bool:
+    """A hostmask pattern whose host part pins no host or network: its literal
+    prefix or suffix (around the wildcards) must name at least two labels, as
+    in ``*.example.org`` or ``192.168.1.*``.  ``*!*@*.*``, ``*!*@*-*``,
+    ``*!*@user/*`` and character classes (``[a-z]*``) match too many people."""
     host = mask.split("@", 1)[1] if "@" in mask else ""
-    return not host.strip("*?.") or not any(ch not in "*?." for ch in host)
+    if not host or "[" in host:
+        return True
+    if "*" not in host and "?" not in host:
+        return False
+    parts = re.split(r"[*?]", host)
+
+    def labels(text: str) -> int:
+        return sum(1 for label in re.split(r"[.:/]", text) if any(ch.isalnum() for ch in label))
+    return max(labels(parts[0]), labels(parts[-1])) < 2
 
 
 def _load_users(path: Path, display: str, irc_networks: set[str]) -> tuple[list[User], list[Problem]]:
@@ -146,9 +158,10 @@ def _load_users(path: Path, display: str, irc_networks: set[str]) -> tuple[list[
             for account in accounts or ():
                 claim(ids.line_of("accounts"), name, f"irc:{net}", account.casefold(), f"IRC account {account!r} on {net}")
             for mask in hostmasks or ():
-                if "!" not in mask or "@" not in mask or _catch_all(mask):
+                if "!" not in mask or "@" not in mask or _too_broad(mask):
                     c.problem(ids.line_of("hostmasks"), f"user {name!r}: hostmask {mask!r} must be nick!user@host "
-                                                        "with a real host part (it is the weaker, explicit fallback)")
+                                                        "whose host part names a host or network, like *.example.org "
+                                                        "(it is the weaker, explicit fallback)")
             irc[str(net)] = IrcIds(tuple(accounts or ()), tuple(hostmasks or ()))
         jids = _names(e.get("xmpp", []))
         if jids is None or any("@" not in j or "/" in j for j in jids or ()):
@@ -269,6 +282,8 @@ def load_config(conf_dir: Path, participants: frozenset[str] | None) -> BotConfi
             line = item.line_of("protocol") if isinstance(item, Node) else top.line_of("networks")
             c.problem(line, f"network: 'protocol' must be one of {', '.join(PROTOCOLS)}")
             continue
+        if item["protocol"] == "irc" and isinstance(item.get("name"), str):
+            irc_names.add(item["name"])     # even if the entry has problems: users.yaml may name it
         body = Node({k: v for k, v in item.items() if k != "protocol"})
         body.line, body.key_lines = item.line, {k: v for k, v in item.key_lines.items() if k != "protocol"}
         try:
@@ -285,8 +300,6 @@ def load_config(conf_dir: Path, participants: frozenset[str] | None) -> BotConfi
                 c.problem(item.line, f"network name {cfg.name!r} used twice")
             names.add(cfg.name)
             networks.append(cfg)
-            if item["protocol"] == "irc":
-                irc_names.add(cfg.name)
 
     users_file = conf_dir / "users.yaml"
     users: list[User] = []

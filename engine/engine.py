@@ -586,7 +586,7 @@ class Engine:
             participant = self.participants.get(row.participant)
             if participant is not None:
                 try:
-                    reply = await participant.on_timer(_workitem(row), timer.event)
+                    reply = await participant.on_timer(_workitem(row), timer.event, f"{row.key}/{timer.name}")
                 except Exception:
                     log.exception("#%d %s: participant %s failed on timer %s", row.instance_id, row.step,
                                   row.participant, timer.event)

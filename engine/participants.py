@@ -57,10 +57,12 @@ class Participant:
     async def consume(self, workitem: Workitem) -> Reply:
         raise NotImplementedError
 
-    async def on_timer(self, workitem: Workitem, name: str) -> Reply | None:
+    async def on_timer(self, workitem: Workitem, name: str, timer_id: str) -> Reply | None:
         """A named step timer fired (``timers: "4h: remind, 8h: remind, 1d: escalate"``:
         a name given twice fires twice, in due order).  Delivered at least once
-        per timer (again after a crash before its end was recorded); return a
+        per timer (again after a crash before its end was recorded): ``timer_id``
+        is the same on every delivery of one timer and differs between the two
+        ``remind`` timers, so a participant can act once per timer.  Return a
         done or failed Reply to answer the step."""
         return None
 

@@ -45,6 +45,7 @@ class Recorder(Participant):
         self.calls: list[tuple[str, Workitem, str | None]] = []
         self.release = asyncio.Event()
         self.timer_reply: Reply | None = None
+        self.timer_ids: list[str] = []
 
     async def consume(self, workitem: Workitem) -> Reply:
         self.calls.append(("consume", workitem, None))
@@ -61,8 +62,9 @@ class Recorder(Participant):
     async def cancel(self, workitem: Workitem) -> None:
         self.calls.append(("cancel", workitem, None))
 
-    async def on_timer(self, workitem: Workitem, name: str) -> Reply | None:
+    async def on_timer(self, workitem: Workitem, name: str, timer_id: str) -> Reply | None:
         self.calls.append(("timer", workitem, name))
+        self.timer_ids.append(timer_id)
         return self.timer_reply
 
     # views

@@ -54,7 +54,7 @@ async def setup(tmp_path: Path):  # type: ignore[no-untyped-def]
 def irc(nick: str, account: str | None, host: str = "127.0.0.1") -> Identity:
     return Identity("irc", "libera", nick, account=account,
                     verified_by=VERIFIED_SERVICES if account else UNVERIFIED,
-                    hostmask=f"{nick}!~{nick}@{host}")
+                    hostmask=f"{nick}!~{nick}@{host}", origin=host)
 
 
 OPS = Room("irc", "libera", "#ops")

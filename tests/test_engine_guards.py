@@ -220,6 +220,7 @@ async def test_a_repeated_reminder_name_fires_each_time_in_order(engines) -> Non
     await advance(engine, 2)
     assert pend.timers() == [(ask.key, "remind"), (ask.key, "remind"), (ask.key, "escalate")]
     assert [e.event for e in await engine.history(iid)].count("timer remind") == 2
+    assert pend.timer_ids == [f"{ask.key}/remind", f"{ask.key}/remind#2", f"{ask.key}/escalate"]   # one id per timer
     await advance(engine, 2)
     assert await status(engine, iid) == "failed"
 
@@ -263,8 +264,8 @@ class CrashingAfterTimer(Recorder):
         self.commits = commits
         self.timer_reply = Reply.done({"escalated": True})
 
-    async def on_timer(self, workitem: Workitem, name: str) -> Reply | None:
-        reply = await super().on_timer(workitem, name)
+    async def on_timer(self, workitem: Workitem, name: str, timer_id: str) -> Reply | None:
+        reply = await super().on_timer(workitem, name, timer_id)
         store = self.store_of()
         real, left = store.commit, [self.commits]
 

@@ -262,6 +262,22 @@ async def test_outbound_lines_are_paced_by_the_token_bucket(
     assert elapsed >= (45 - 5) / 40 * 0.9                   # burst 5, then 40 lines/s
 
 
+async def test_a_confirmation_marker_never_takes_a_token_a_queued_line_needs(
+        ngircd: Ngircd, bots: BotFactory, humans: Any) -> None:
+    # no echo-message on ngircd: the bot confirms its lines with marker PINGs, which the
+    # server counts like any line; a burst of 5 must still go out at once, marker after
+    bot = await bots(config(ngircd.port, pacing_rate=2.0, pacing_burst=5))
+    human = await humans(ngircd.port, "gina")
+    await human.join("#ops")
+    await asyncio.sleep(3.0)                                # the bucket refills to its burst of 5
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await bot.send(Room("irc", NET, "#ops"), "\n".join(f"b{i}" for i in range(5)))
+    lines = await human.messages_from(BOT, 5)
+    assert [m.text for m in lines] == [f"b{i}" for i in range(5)]
+    assert loop.time() - start < 0.4                        # not 0.5 s later for the fifth
+
+
 # -- reconnection (ngircd) ----------------------------------------------------------------------------
 
 async def test_server_killed_and_restarted_bot_reconnects_rejoins_and_delivers_queued_lines_once(

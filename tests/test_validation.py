@@ -651,18 +651,18 @@ def test_users_problems(tmp_path: Path) -> None:
             xmpp: [erin@example.org]
         """}) == [
         "conf/users.yaml:6: user 'alice' xmpp: expected bare JIDs like alice@example.org",
-        "conf/users.yaml:8: user 'alice': hostmask 'alice!~alice@' must be nick!user@host with a real host "
-        "part (it is the weaker, explicit fallback)",
+        "conf/users.yaml:8: user 'alice': hostmask 'alice!~alice@' must be nick!user@host whose host "
+        "part names a host or network, like *.example.org (it is the weaker, explicit fallback)",
         "conf/users.yaml:10: user 'bob' xmpp: expected bare JIDs like alice@example.org",
-        "conf/users.yaml:12: user 'bob': hostmask 'bob!bob@*' must be nick!user@host with a real host "
-        "part (it is the weaker, explicit fallback)",
+        "conf/users.yaml:12: user 'bob': hostmask 'bob!bob@*' must be nick!user@host whose host "
+        "part names a host or network, like *.example.org (it is the weaker, explicit fallback)",
         "conf/users.yaml:14: user 'bob' roles on 'Project': expected a list of role names",
-        "conf/users.yaml:16: user 'carol': hostmask '*!*@*.*' must be nick!user@host with a real "
-        "host part (it is the weaker, explicit fallback)",
-        "conf/users.yaml:16: user 'carol': hostmask 'c!c@?*' must be nick!user@host with a real "
-        "host part (it is the weaker, explicit fallback)",
-        "conf/users.yaml:16: user 'carol': hostmask 'carol@example.org' must be nick!user@host with a real "
-        "host part (it is the weaker, explicit fallback)",
+        "conf/users.yaml:16: user 'carol': hostmask '*!*@*.*' must be nick!user@host whose "
+        "host part names a host or network, like *.example.org (it is the weaker, explicit fallback)",
+        "conf/users.yaml:16: user 'carol': hostmask 'c!c@?*' must be nick!user@host whose "
+        "host part names a host or network, like *.example.org (it is the weaker, explicit fallback)",
+        "conf/users.yaml:16: user 'carol': hostmask 'carol@example.org' must be nick!user@host whose "
+        "host part names a host or network, like *.example.org (it is the weaker, explicit fallback)",
         "conf/users.yaml:17: user 'carol' email: expected addresses",
         "conf/users.yaml:18: user 'carol' roles: expected project -> [roles] (use '*' for every project)",
         "conf/users.yaml:20: unknown key 'phone' in user 'dave' (expected irc, xmpp, email, roles)",
@@ -842,3 +842,30 @@ def test_bot_refuses_to_start_on_broken_conf(broken_home: Path, mode: list[str])
     assert "release bot ready" not in result.stdout
     assert not (broken_home / "var" / "bot.sqlite3").exists()
     assert not list(broken_home.rglob("*.sqlite3*"))
+
+
+@pytest.mark.parametrize("mask, broad", [
+    ("bob!~bob@build.example.org", False), ("*!*@*.example.org", False), ("*!~bob@192.168.1.*", False),
+    ("bob!*@user/bob", False), ("*!*@2001:db8:*", False),
+    ("*!*@*.*", True), ("*!*@*-*", True), ("*!*@*:*", True), ("*!*@*/*", True), ("*!*@user/*", True),
+    ("*!*@[a-z]*", True), ("*!*@*e*", True), ("*!*@*.org", True), ("*!*@10.*", True), ("*!*@", True),
+])
+def test_a_hostmask_must_pin_a_host_or_network(mask: str, broad: bool) -> None:
+    from bot.config import _too_broad
+    assert _too_broad(mask) is broad
+
+
+def test_a_broken_network_entry_is_reported_once_not_again_for_every_user_on_it(tmp_path: Path) -> None:
+    found = problems(tmp_path, {"bot.yaml": """
+        console: {user: admin}
+        networks:
+          - protocol: irc
+            name: libera
+            nick: rb
+        """, "users.yaml": """
+        users:
+          admin:
+            irc: {libera: {accounts: [admin]}}
+            roles: {"*": [admins]}
+        """})
+    assert found and all(p.startswith("conf/bot.yaml:") for p in found), found

@@ -1100,8 +1100,11 @@ class IrcTransport:
         cfg = self.config
         now = self.clock()
         if self._relogin_at is not None and now - self._relogin_at < RELOGIN_INTERVAL:
-            log.warning("%s: logging in as %s after registration failed (%s); continuing without an account",
-                        self.network, cfg.sasl_account, why)
+            log.warning("%s: logging in as %s after registration failed (%s); continuing without an account "
+                        "for now, trying again in %.0fs", self.network, cfg.sasl_account, why,
+                        self._relogin_at + RELOGIN_INTERVAL - now)
+            session.late_sasl = None                  # the periodic check tries again once the interval is over
+            session.next_sasl_check = self._relogin_at + RELOGIN_INTERVAL
             return
         self._relogin_at = now
         log.warning("%s: logging in as %s after registration failed (%s); reconnecting to log in while "
@@ -1189,9 +1192,10 @@ class IrcTransport:
         age = self.clock() - unconfirmed[0].written
         if "echo-message" in session.caps:                     # echoes confirm; a marker only for lines never echoed
             return age >= ECHO_GRACE
+        spare = bucket.tokens() - len(self._outbox)            # tokens beyond what queued lines need
         return (not sending                                    # nothing else to write
-                or bucket.tokens() >= 2                        # a spare token: the marker delays no line
-                or len(unconfirmed) >= MARKER_LINES            # every line since the last marker
+                or spare >= 1                                  # a spare token: the marker delays no line
+                or (len(unconfirmed) >= MARKER_LINES and spare < 0)   # pacing holds lines back anyway
                 or age >= MARKER_AGE)
 
     async def _maintain(self, session: _Session) -> None:
@@ -1241,7 +1245,8 @@ class IrcTransport:
         identity = Identity("irc", self.network, source.nick, account=account,
                             verified_by=VERIFIED_SERVICES if account else UNVERIFIED,
                             hostmask=(f"{source.nick}!{source.user}@{source.host}"
-                                      if self.config.allow_hostmask and source.user and source.host else None))
+                                      if self.config.allow_hostmask and source.user and source.host else None),
+                            origin=source.host or None)
         room = Room("irc", self.network, channel) if channel is not None else None
         log.debug("%s: command %r from %s (%s) in %s", self.network, sanitise(text), identity,
                   account or "no account", room or "private")

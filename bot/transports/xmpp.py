@@ -302,6 +302,7 @@ class XmppTransport:
         # room JID -> occupant nick -> real bare JID, as the room currently shows it to us;
         # fed only by presences, emptied when the room stops showing real JIDs
         self._real_jids: dict[str, dict[str, str]] = {}
+        self._departures: dict[tuple[str, str], int] = {}     # (room, nick) -> times that nick left
         self._non_anonymous: dict[str, bool] = {}   # what the room last said about itself
         self._reviews: dict[str, _Review] = {}     # rooms whose configuration changed: being re-read
         self._wakeup = asyncio.Event()
@@ -875,6 +876,8 @@ class XmppTransport:
         if occupants is None or not nick or pres["type"] == "error":
             return
         real = pres["muc"]["jid"]
+        if pres["type"] == "unavailable" and room in self._reviews:     # only held commands ask
+            self._departures[(room, nick)] = self._departures.get((room, nick), 0) + 1
         if pres["type"] == "unavailable" or not real or not real.bare:
             occupants.pop(nick, None)
         else:
@@ -936,9 +939,16 @@ class XmppTransport:
         review = self._reviews.get(room)
         if review is None:
             return False
+        nick = msg["from"].resource
+        departures = self._departures.get((room, nick), 0)
 
         async def later() -> None:
             await review.done.wait()
+            if self._departures.get((room, nick), 0) != departures:
+                # its sender left meanwhile: the nick may be someone else's now
+                log.info("xmpp %s: not running a command from %s/%s held while the room was re-read: "
+                         "that nick left meanwhile", self.network, room, nick)
+                return
             handler(msg, body)
         self._spawn(later(), "held command")
         return True
