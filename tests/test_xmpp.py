@@ -273,6 +273,39 @@ async def test_a_server_saying_only_104_makes_the_bot_ask_the_room_whether_it_st
     assert caplog.text.count("re-read the occupants of") == 2    # after each real change only
 
 
+async def test_a_command_held_during_a_room_review_is_dropped_if_its_nick_changed_hands_meanwhile(
+        prosody: Prosody, start_bot, xmpp_human, caplog) -> None:  # type: ignore[no-untyped-def]
+    caplog.set_level(logging.INFO, logger="bot.transports.xmpp")
+    room = prosody.room("handover")
+    alice: Human = await xmpp_human("alice")
+    mallory: Human = await xmpp_human("mallory")
+    await alice.join(room)                           # alice owns it; semi-anonymous by default
+    bot = await start_bot(rooms=(room,))
+    await mallory.join(room, nick="carol")
+    gate = asyncio.Event()
+    resync = bot.transport._resync_room
+
+    async def slow_resync(r: str) -> None:           # the re-read takes a while: the test says when
+        await gate.wait()
+        await resync(r)
+    bot.transport._resync_room = slow_resync  # type: ignore[method-assign]
+
+    await alice.configure_room(room, whois="anyone")  # 172: commands are held until the room is re-read
+    await wait_until(lambda: room in bot.transport._reviews)
+    mallory.say(room, "!ps")                          # held; the room relays it before mallory's leaving
+    await mallory.leave(room)
+    await alice.leave(room)
+    await alice.join(room, nick="carol")              # the nick is alice's now, and the room shows her JID
+    gate.set()
+    dropped = "held while the room was re-read: that nick left meanwhile"
+    await wait_until(lambda: bool(bot.dispatched) or dropped in caplog.text)
+    assert bot.dispatched == []                       # mallory's command never ran, as alice or anyone
+    assert dropped in caplog.text
+    alice.say(room, "!ps")                            # carol really is alice now: had it run, it was as her
+    assert (await alice.expect(from_room(room))).body == "carol: no running, waiting or failed instances"
+    assert [(m.text, m.sender.account) for m in bot.dispatched] == [("ps", "alice@localhost")]
+
+
 async def test_semi_anonymous_room_of_someone_else_refuses_privileged_commands(
         prosody: Prosody, start_bot, xmpp_human) -> None:  # type: ignore[no-untyped-def]
     hidden = prosody.room("hidden")
