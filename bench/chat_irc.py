@@ -9,9 +9,9 @@
                                      warm-up
   irc_notice_lines_per_s             NOTICE lines/s arriving at the client while the
                                      bot sends 60 lines paced at 10/s, burst 5 (the rate
-                                     after the burst; the wire carries 10 messages/s, but
-                                     under a backlog one in five is a confirmation PING
-                                     (MARKER_LINES = 4), so expect ~8 lines/s)
+                                     after the burst; the wire carries 10 messages/s, and
+                                     under a backlog one in 13 is a confirmation PING
+                                     (MARKER_LINES = 12): expect ~9.2; target >= 9)
   irc_disconnects                    connections the bots lost meanwhile (must be 0)
 
 ``python bench/chat_irc.py`` prints ``name=value`` lines.

@@ -72,7 +72,10 @@ STABLE_AFTER = 30.0             # a connection that lived this long resets the b
 # so it spends a token: while lines wait for tokens it is written after at most
 # MARKER_LINES lines (or MARKER_AGE seconds), not after every line, which would
 # halve the paced rate; when a token is spare it delays nothing and goes at once.
-MARKER_LINES = 4
+# 12 lines per marker keeps a backlog at 12/13 (92%) of the configured rate in
+# lines (at the default 1/s, MARKER_AGE comes first: ~10/11); the price is that
+# a crash mid-backlog may repeat up to that many lines the server had relayed.
+MARKER_LINES = 12
 MARKER_AGE = 10.0
 ECHO_GRACE = 3.0                # with echo-message: a line not echoed by then gets a marker PING
 # While the bot is not on its configured nick (taken at connect, e.g. by its
