@@ -10,8 +10,8 @@
   irc_notice_lines_per_s             NOTICE lines/s arriving at the client while the
                                      bot sends 60 lines paced at 10/s, burst 5 (the rate
                                      after the burst; the wire carries 10 messages/s, and
-                                     under a backlog one in 13 is a confirmation PING
-                                     (MARKER_LINES = 12): expect ~9.2; target >= 9)
+                                     under a backlog one in MARKER_LINES + 1 is a
+                                     confirmation PING; target >= 9)
   irc_disconnects                    connections the bots lost meanwhile (must be 0)
 
 ``python bench/chat_irc.py`` prints ``name=value`` lines.
