@@ -31,7 +31,7 @@ def load(conf: Path):  # type: ignore[no-untyped-def]
 
 
 def check(conf: Path) -> int:
-    from engine.sourcefile import ConfigError
+    from engine.yamlconfig import ConfigError
 
     try:
         config, _ = load(conf)
@@ -47,7 +47,7 @@ def check(conf: Path) -> int:
 async def serve(conf: Path, console: bool) -> int:
     from bot.app import App
     from bot.chat import TransportError
-    from engine.sourcefile import ConfigError
+    from engine.yamlconfig import ConfigError
     from engine.store import StoreError
 
     try:

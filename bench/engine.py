@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE))
 from engine.definitions import parse_definition  # noqa: E402
 from engine.engine import Engine  # noqa: E402
 from engine.participants import Participant, ParticipantRegistry, Reply, Workitem  # noqa: E402
-from engine.sourcefile import loads_yaml  # noqa: E402
+from engine.yamlconfig import loads_yaml  # noqa: E402
 from engine.store import Store  # noqa: E402
 
 FIVE_STEPS = textwrap.dedent("""

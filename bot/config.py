@@ -17,8 +17,9 @@ from typing import Any, Callable
 
 from bot.access import IrcIds, User
 from engine.definitions import ProcessSpec, collect_definitions
-from engine.engine import ScheduleSpec
-from engine.sourcefile import ConfigError, Node, Problem, load_yaml, parse_duration
+from engine.schedules import ScheduleSpec
+from engine.yamlconfig import ConfigError, Node, Problem, load_yaml
+from engine.durations import parse_duration
 from engine.timers import check_cron
 
 BOT_KEYS = ("database", "durability", "timezone", "misfire", "log_level", "console", "commands",

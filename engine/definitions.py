@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from engine.sourcefile import (MAX_DURATION, MAX_DURATION_TEXT, ConfigError, Node, NodeList, Problem,
-                               format_duration, loads_yaml, parse_duration)
+from engine.yamlconfig import ConfigError, Node, NodeList, Problem, loads_yaml
+from engine.durations import MAX_DURATION, MAX_DURATION_TEXT, format_duration, parse_duration
 from engine.templating import check_expression, check_template
 
 EXPRESSIONS = ("participant", "sequence", "concurrence", "if", "wait", "repeat",

@@ -27,7 +27,8 @@ from engine.events import Event, EventBus
 from engine.instances import (ACTIVE, CancelInstance, ChildFinished, Instance, Launch, Status, TimerKey,
                               Transition, event_name)
 from engine.participants import ParticipantRegistry, Reply, Workitem
-from engine.sourcefile import loads_yaml
+from engine.yamlconfig import loads_yaml
+from engine.schedules import ScheduleSpec
 from engine.store import InstanceRow, Op, Store, TimerRow, WorkitemRow, dumps
 from engine.timers import Clock, SystemClock, TimerService, next_cron
 
@@ -40,21 +41,6 @@ _ACTIVE_NAMES = frozenset(s.value for s in ACTIVE)
 # (an instance running an earlier version of a definition, say).
 MAX_SUBPROCESS_DEPTH = 32
 Action = Callable[[Instance | None, Transition], Any]
-
-
-@dataclass(frozen=True)
-class ScheduleSpec:
-    name: str
-    cron: str
-    process: str
-    fields: Mapping[str, Any]
-    misfire: str = "run_once"     # run_once | skip: what to do with a run missed while down
-    timezone: str = "UTC"
-
-    @property
-    def rule(self) -> str:
-        """What decides the run times; stored, so a changed cron or time zone re-arms."""
-        return self.cron if self.timezone == "UTC" else f"{self.cron} ({self.timezone})"
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from engine.definitions import ProcessSpec, StepSpec
 from engine.errors import NotAllowedNow
 from engine.events import Event
 from engine.participants import Reply, Workitem
-from engine.sourcefile import MAX_DURATION, MAX_DURATION_TEXT
+from engine.durations import MAX_DURATION, MAX_DURATION_TEXT
 from engine.templating import TemplateProblem, evaluate, render
 
 

@@ -19,7 +19,7 @@ from engine.definitions import ProcessSpec, parse_definition
 from engine.engine import Engine
 from engine.events import Event
 from engine.participants import Participant, ParticipantRegistry, Reply, Workitem
-from engine.sourcefile import loads_yaml
+from engine.yamlconfig import loads_yaml
 from engine.store import Store
 from engine.timers import ManualClock
 from participants.builtin import Echo, Fail, Hold, Record, Sleep

@@ -7,7 +7,7 @@ from pathlib import Path
 from engine.definitions import parse_definition
 from engine.engine import Engine
 from engine.participants import ParticipantRegistry, Reply
-from engine.sourcefile import loads_yaml
+from engine.yamlconfig import loads_yaml
 from engine.store import Store
 from engine.timers import ManualClock
 from participants import discover

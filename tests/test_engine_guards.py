@@ -19,7 +19,8 @@ import pytest
 from engine.definitions import collect_definitions, parse_definition
 from engine.engine import MAX_SUBPROCESS_DEPTH, Engine
 from engine.participants import ParticipantRegistry, Reply, Workitem
-from engine.sourcefile import loads_yaml, parse_duration
+from engine.yamlconfig import loads_yaml
+from engine.durations import parse_duration
 from engine.store import Store, StoreError
 from engine.timers import ManualClock
 from participants import discover

@@ -26,7 +26,7 @@ from bot.transports.irc import (DEFAULT_BURST, DEFAULT_CAPS, DEFAULT_RATE, MARKE
                                 clean_lines, is_loopback, parse_config, split_utf8)
 from engine.engine import Engine
 from engine.participants import ParticipantRegistry
-from engine.sourcefile import ConfigError, loads_yaml
+from engine.yamlconfig import ConfigError, loads_yaml
 from engine.store import Store
 from engine.timers import ManualClock
 from participants import discover

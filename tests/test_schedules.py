@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from engine.definitions import parse_definition
-from engine.engine import Engine, ScheduleSpec
+from engine.engine import Engine
+from engine.schedules import ScheduleSpec
 from engine.participants import ParticipantRegistry
-from engine.sourcefile import loads_yaml
+from engine.yamlconfig import loads_yaml
 from engine.store import Store
 from engine.timers import ManualClock, next_cron
 from participants import discover

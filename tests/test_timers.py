@@ -9,7 +9,7 @@ from pathlib import Path
 from engine.definitions import parse_definition
 from engine.engine import Engine
 from engine.participants import ParticipantRegistry
-from engine.sourcefile import loads_yaml
+from engine.yamlconfig import loads_yaml
 from engine.store import Store
 from participants import discover
 

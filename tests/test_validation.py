@@ -19,7 +19,8 @@ from bot.access import IrcIds
 from bot.config import load_config
 from engine.definitions import load_definitions
 from engine.participants import ParticipantRegistry
-from engine.sourcefile import ConfigError, Problem, loads_yaml, parse_duration
+from engine.yamlconfig import ConfigError, Problem, loads_yaml
+from engine.durations import parse_duration
 from participants import discover
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -22,7 +22,7 @@ from bot.transports.xmpp import XmppConfig, XmppTransport, parse_config, split_t
 from engine.definitions import parse_definition
 from engine.engine import Engine
 from engine.participants import ParticipantRegistry
-from engine.sourcefile import loads_yaml
+from engine.yamlconfig import loads_yaml
 from engine.store import Store
 from engine.timers import ManualClock
 from participants import discover

@@ -44,7 +44,8 @@ from bot.chat import (UNVERIFIED, VERIFIED_SERVICES, Identity, Message, MessageH
                       Target, TransportError)
 from bot.commands import sanitise
 from bot.pacing import TokenBucket
-from engine.sourcefile import Problem, parse_duration
+from engine.yamlconfig import Problem
+from engine.durations import parse_duration
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,8 @@ from bot.chat import (UNVERIFIED, VERIFIED_JID, Identity, Message, MessageHandle
                       TransportError)
 from bot.commands import sanitise
 from bot.pacing import TokenBucket
-from engine.sourcefile import Node, Problem, parse_duration
+from engine.yamlconfig import Node, Problem
+from engine.durations import parse_duration
 
 log = logging.getLogger(__name__)
 
