@@ -19,6 +19,7 @@ import yaml
 from bot.access import ADMINS, Caller, Directory
 from bot.chat import Message
 from bot.pacing import Cooldown
+from bot.rendering import detail_lines, history_line, schedule_line, summary_line
 from engine.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -193,12 +194,6 @@ def parse_id(ctx: Context, more: bool = False) -> int:
     return int(text)
 
 
-def when(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) + "Z"
-
-
 # --- the commands -----------------------------------------------------------
 
 PS_LIMIT = 50      # newest first; a chat line costs up to a second on a paced network
@@ -255,8 +250,7 @@ async def cmd_ps(ctx: Context) -> list[str]:
     rows = await ctx.engine.instances(include_finished=bool(ctx.args), limit=PS_LIMIT)
     if not rows:
         return ["no instances" if ctx.args else "no running, waiting or failed instances"]
-    lines = [f"#{r.id} {r.process} {r.status}" + (f" - {r.waiting_on}" if r.waiting_on else "")
-             + f" (since {when(r.updated)})" for r in rows]
+    lines = [summary_line(r) for r in rows]
     total = await ctx.engine.instance_count(include_finished=bool(ctx.args))
     if total > len(rows):      # the list is capped: say so rather than cut it silently
         lines.append(f"... and {total - len(rows)} older (show <id> for any of them)")
@@ -266,15 +260,14 @@ async def cmd_ps(ctx: Context) -> list[str]:
 @command("show <id>", "an instance's state, fields, pending steps and timers")
 async def cmd_show(ctx: Context) -> list[str]:
     detail = await ctx.engine.describe(parse_id(ctx))
-    return detail.lines()
+    return detail_lines(detail)
 
 
 @command("history <id>", "every transition of an instance: time, step, event, actor")
 async def cmd_history(ctx: Context) -> list[str]:
     iid = parse_id(ctx)
     entries = await ctx.engine.history(iid)
-    return [f"{when(e.at)} {e.step or 'process'} {e.event}" + (f" by {e.actor}" if e.actor else "")
-            + (f": {e.detail}" if e.detail else "") for e in entries]
+    return [history_line(e) for e in entries]
 
 
 async def _owned(ctx: Context, iid: int) -> None:
@@ -318,8 +311,7 @@ async def cmd_schedules(ctx: Context) -> list[str]:
     rows = await ctx.engine.schedules()
     if not rows:
         return ["no schedules configured"]
-    return [f"{s.name}: {s.cron} -> {s.process}, next {when(s.next_due)}, last {when(s.last_run)}"
-            f", misfire {s.misfire}" for s in rows]
+    return [schedule_line(s) for s in rows]
 
 
 def default_registry() -> Registry:

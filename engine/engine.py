@@ -74,25 +74,6 @@ class InstanceDetail:
     timers: list[tuple[str, str, float, bool]]     # what, step name, due, fired
     children: list[int]
 
-    def lines(self) -> list[str]:
-        from time import gmtime, strftime
-
-        def when(ts: float) -> str:
-            return strftime("%Y-%m-%d %H:%M:%S", gmtime(ts)) + "Z"
-        s = self.summary
-        out = [f"#{s.id} {s.process}: {s.status}" + (f" (project {s.project})" if s.project else "")
-               + (f", subprocess of #{s.parent_id}" if s.parent_id else "")
-               + f"; launched {when(s.created)}, updated {when(s.updated)}"]
-        out.append("fields: " + (", ".join(f"{k}={v!r}" for k, v in self.fields.items()) or "none"))
-        out += [f"step {line}" for line in self.steps]
-        for what, step, due, fired in self.timers:
-            out.append(f"timer {what} on {step} at {when(due)}" + (" (fired, being delivered)" if fired else ""))
-        if self.children:
-            out.append("subprocesses: " + ", ".join(f"#{c}" for c in self.children))
-        if s.error:
-            out.append(f"error: {s.error}")
-        return out
-
 
 class Engine:
     def __init__(self, store: Store, specs: Mapping[str, ProcessSpec], participants: ParticipantRegistry,
