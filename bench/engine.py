@@ -4,6 +4,10 @@ median of several runs.
 
   durable_processes_per_s   5-step process (start, participant, participant that goes
                             pending and is answered, participant, end), synchronous=FULL
+  concurrence_branches_per_s  one 100-branch concurrence of quick participant steps,
+                            synchronous=FULL, instances one after another: branches
+                            completed per second (fan-in: replies that arrive together
+                            must share a commit)
   restart_ready_s           the real bot (run_bot.py) on a database of 10,000 instances waiting
                             with a timer each: from spawn to re-armed and answering a command
   timer_lateness_p99_ms     1,000 timers due at one instant: due -> its transition committed
@@ -39,6 +43,8 @@ FIVE_STEPS = textwrap.dedent("""
       - participant: approval
       - participant: quick
 """)
+FAN_BRANCHES = 100
+FAN_OUT = "name: fan\nsteps:\n  - concurrence:\n" + "      - participant: quick\n" * FAN_BRANCHES
 TIMED = textwrap.dedent("""
     name: timed
     steps:
@@ -101,6 +107,27 @@ async def durable_run(n: int, workdir: Path) -> float:
     await engine.stop()
     store.close()
     return n / elapsed
+
+
+async def concurrence_run(n: int, workdir: Path) -> float:
+    """n instances of FAN_OUT, one at a time; branches completed per second."""
+    store = Store(workdir / f"fan-{time.monotonic_ns()}.sqlite3", synchronous="FULL")
+    store.open()
+    engine = Engine(store, specs(FAN_OUT), ParticipantRegistry([Quick(), Approval()]), use_scheduler=False)
+    await engine.start()
+    completed = asyncio.Queue[int]()
+
+    async def on_event(event):  # type: ignore[no-untyped-def]
+        completed.put_nowait(event.instance_id)
+    engine.bus.subscribe(on_event, ["completed"])
+    t0 = time.perf_counter()
+    for _ in range(n):
+        iid = await engine.launch("fan")
+        assert await completed.get() == iid
+    elapsed = time.perf_counter() - t0
+    await engine.stop()
+    store.close()
+    return n * FAN_BRANCHES / elapsed
 
 
 WAITING_HOME_PROCESS = """
@@ -207,6 +234,8 @@ def main() -> None:
         n = int(os.environ.get("BENCH_PROCESSES", "3000"))
         rates = [asyncio.run(durable_run(n, work)) for _ in range(runs)]
         print(f"durable_processes_per_s={statistics.median(rates):.0f}", flush=True)
+        fans = [asyncio.run(concurrence_run(200, work)) for _ in range(runs)]
+        print(f"concurrence_branches_per_s={statistics.median(fans):.0f}", flush=True)
 
         home = make_home(work / "home")
         rss_cached = asyncio.run(populate_waiting(home, 10_000))
