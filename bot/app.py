@@ -4,7 +4,6 @@ benchmarks build it the same way."""
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +14,7 @@ from bot.commands import Dispatcher, default_registry
 from bot.config import BotConfig
 from bot.pacing import Cooldown
 from bot.router import Router
+from bot.transports import front_end
 from engine.engine import Engine
 from engine.participants import ParticipantRegistry
 from engine.store import Store
@@ -23,14 +23,9 @@ from participants import discover
 log = logging.getLogger(__name__)
 
 
-ADAPTERS = {"IrcConfig": ("bot.transports.irc", "IrcTransport"),
-            "XmppConfig": ("bot.transports.xmpp", "XmppTransport")}
-
-
 def transport_for(cfg: Any) -> Any:
     """The adapter for one network's config, constructed with it (injected, not subclassed)."""
-    module, cls = ADAPTERS[type(cfg).__name__]
-    return getattr(importlib.import_module(module), cls)(cfg)
+    return front_end(cfg.protocol).Transport(cfg)
 
 
 @dataclass

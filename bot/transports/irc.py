@@ -33,7 +33,7 @@ import ssl
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import irc.client
 import irc.client_aio
@@ -43,6 +43,7 @@ from jaraco.stream import buffer as irc_buffer
 from bot.chat import (UNVERIFIED, VERIFIED_SERVICES, Identity, Message, MessageHandler, Room,
                       Target, TransportError)
 from bot.commands import sanitise
+from bot.configkit import Section
 from bot.pacing import TokenBucket
 from engine.yamlconfig import Problem
 from engine.durations import parse_duration
@@ -107,6 +108,7 @@ _ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 @dataclass(frozen=True)
 class IrcConfig:
+    protocol: ClassVar[str] = "irc"
     name: str                                   # the network's name in the bot ("libera")
     host: str
     nick: str
@@ -140,7 +142,7 @@ _KEYS = ("name", "host", "port", "tls", "tls_verify", "ca_file", "nick", "userna
          "reconnect_min", "reconnect_max", "allow_hostmask", "use_notice", "ping_interval", "ping_timeout")
 
 
-def parse_config(node: Any, file: str) -> tuple[IrcConfig | None, list[Problem]]:
+def _parse_entry(node: Any, file: str) -> tuple[IrcConfig | None, list[Problem]]:
     """Validate one ``protocol: irc`` entry of bot.yaml's ``networks``; every
     problem is returned (as ``file:line``), none is raised.  The SASL password
     comes from the environment variable named by ``sasl_password_env``."""
@@ -1284,3 +1286,12 @@ class IrcTransport:
                 return match.group(2).strip()
             return None
         return text.strip() or None
+
+
+def parse_config(section: "Section") -> IrcConfig | None:
+    cfg, problems = _parse_entry(section.node, section.file)
+    section.findings.problems += problems
+    return cfg
+
+
+Transport = IrcTransport

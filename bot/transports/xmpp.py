@@ -28,11 +28,12 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from bot.chat import (UNVERIFIED, VERIFIED_JID, Identity, Message, MessageHandler, Room, Target,
                       TransportError)
 from bot.commands import sanitise
+from bot.configkit import Section
 from bot.pacing import TokenBucket
 from engine.yamlconfig import Node, Problem
 from engine.durations import parse_duration
@@ -53,6 +54,7 @@ ROOM_CONFIG_CODES = frozenset({NOW_NON_ANONYMOUS, NOW_SEMI_ANONYMOUS, NOW_FULLY_
 
 @dataclass(frozen=True)
 class XmppConfig:
+    protocol: ClassVar[str] = "xmpp"
     name: str                          # the network name in logs and identities
     jid: str                           # the bot's bare JID, bot@example.org
     password: str = field(repr=False)  # from the environment; never logged, never in repr
@@ -77,7 +79,7 @@ class XmppConfig:
         return self.nick or self.jid.split("@", 1)[0]
 
 
-def parse_config(node: Any, file: str) -> tuple[XmppConfig | None, list[Problem]]:
+def _parse_entry(node: Any, file: str) -> tuple[XmppConfig | None, list[Problem]]:
     """Validate one ``networks:`` entry (without its ``protocol`` key).  Every
     problem is reported with its line; the password comes from the variable
     named by ``password_env`` and never appears in a problem."""
@@ -1043,3 +1045,12 @@ class XmppTransport:
                 log.error("xmpp %s: %s task failed", self.network, what, exc_info=t.exception())
         task.add_done_callback(done)
         return task
+
+
+def parse_config(section: "Section") -> XmppConfig | None:
+    cfg, problems = _parse_entry(section.node, section.file)
+    section.findings.problems += problems
+    return cfg
+
+
+Transport = XmppTransport
