@@ -1,4 +1,5 @@
-"""Real servers for tests, started by fixtures on 127.0.0.1.
+"""Pytest fixtures around the real-server kit (``tests/serverkit``), one
+plugin module per protocol, registered in ``tests/conftest.py``.
 
 A server whose binary is missing skips its tests on a laptop, but fails
 them under CI (CI=true): a test that silently skips in CI proves nothing.
@@ -6,48 +7,29 @@ them under CI (CI=true): a test that silently skips in CI proves nothing.
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import time
+from typing import Callable, TypeVar
 
 import pytest
 
+from tests.serverkit import ServerMissing, free_port, stop, wait_port
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["ServerMissing", "free_port", "need", "require_binary", "stop", "wait_port"]
+
+T = TypeVar("T")
+
+
+def need(start: Callable[[], T]) -> T:
+    """``start()``, with a missing server turned into a skip (a failure under CI)."""
+    try:
+        return start()
+    except ServerMissing as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
 
 
 def require_binary(name: str) -> str:
-    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
-    if path is None:
-        message = f"{name} is not installed (apt-get install it, or run scripts/test.sh)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    """The path of a server binary the test needs (skip or fail without it)."""
+    from tests.serverkit import require_binary as find
 
-
-def wait_port(port: int, timeout: float = 10.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before listening on {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.02)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
-
-
-def stop(proc: subprocess.Popen, timeout: float = 5.0) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout)
+    return need(lambda: find(name))
