@@ -19,7 +19,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo
-from typing import Any, Awaitable, Callable, Iterable, Mapping
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
 
 from engine.definitions import ProcessSpec, parse_definition
 from engine.errors import EngineError, NoSuchInstance, NoSuchWorkitem, NotAllowedNow, UnknownProcess
@@ -186,8 +186,11 @@ class Engine:
 
     # -- views -------------------------------------------------------------------
 
-    async def instances(self, include_finished: bool = False, limit: int = 200) -> list[InstanceSummary]:
-        rows = await self.store.list_instances(include_finished, limit)
+    async def instances(self, include_finished: bool = False, limit: int = 200,
+                        projects: Sequence[str] | None = None) -> list[InstanceSummary]:
+        """Newest first; ``projects`` limits the list to instances without a
+        project or in those projects and their sub-projects (None: all)."""
+        rows = await self.store.list_instances(include_finished, limit, projects)
         for row in rows:
             if row.status in _ACTIVE_NAMES and self._known_spec(row) is None:
                 try:
@@ -196,9 +199,9 @@ class Engine:
                     pass
         return [self._summary(r) for r in rows]
 
-    async def instance_count(self, include_finished: bool = False) -> int:
+    async def instance_count(self, include_finished: bool = False, projects: Sequence[str] | None = None) -> int:
         """How many instances ``instances`` would list without its limit."""
-        return await self.store.count_instances(include_finished)  # type: ignore[no-any-return]
+        return await self.store.count_instances(include_finished, projects)  # type: ignore[no-any-return]
 
     async def summary(self, instance_id: int) -> InstanceSummary:
         rows = await self.store.load_instances([instance_id])

@@ -425,18 +425,18 @@ class Store:
             return out
         return await self.read(q)
 
-    async def list_instances(self, include_finished: bool, limit: int = 200) -> list[InstanceRow]:
-        if include_finished:
-            sql = f"SELECT {_INSTANCE_COLUMNS} FROM instances ORDER BY id DESC LIMIT ?"
-        else:
-            sql = (f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE status IN ('running', 'waiting', 'failed') "
-                   "ORDER BY id DESC LIMIT ?")
-        return await self.read(lambda c: [_instance_row(r) for r in c.execute(sql, (limit,))])
+    async def list_instances(self, include_finished: bool, limit: int = 200,
+                             projects: Sequence[str] | None = None) -> list[InstanceRow]:
+        """Newest first.  ``projects``: only instances without a project or in one
+        of these projects or their sub-projects (None: every instance)."""
+        where, args = _instance_filter(include_finished, projects)
+        sql = f"SELECT {_INSTANCE_COLUMNS} FROM instances{where} ORDER BY id DESC LIMIT ?"
+        return await self.read(lambda c: [_instance_row(r) for r in c.execute(sql, (*args, limit))])
 
-    async def count_instances(self, include_finished: bool) -> int:
-        sql = "SELECT COUNT(*) FROM instances" + (
-            "" if include_finished else " WHERE status IN ('running', 'waiting', 'failed')")
-        return await self.read(lambda c: c.execute(sql).fetchone()[0])  # type: ignore[no-any-return]
+    async def count_instances(self, include_finished: bool, projects: Sequence[str] | None = None) -> int:
+        where, args = _instance_filter(include_finished, projects)
+        sql = f"SELECT COUNT(*) FROM instances{where}"
+        return await self.read(lambda c: c.execute(sql, args).fetchone()[0])  # type: ignore[no-any-return]
 
     async def history(self, instance_id: int) -> list[HistoryRow]:
         sql = ("SELECT instance_id, at, path, step, event, actor, detail FROM history "
@@ -576,6 +576,22 @@ def _resolve(results: list[tuple["asyncio.Future[None]", BaseException | None]])
             future.set_result(None)
         else:
             future.set_exception(outcome)
+
+
+def _instance_filter(include_finished: bool, projects: Sequence[str] | None) -> tuple[str, tuple[str, ...]]:
+    """A WHERE clause (and its arguments) for listing instances."""
+    clauses: list[str] = []
+    args: list[str] = []
+    if not include_finished:
+        clauses.append("status IN ('running', 'waiting', 'failed')")
+    if projects is not None:
+        scope = ["project IS NULL"]
+        for project in projects:
+            # a project and its sub-projects: "Foo" and "Foo:..." (not "Foobar")
+            scope.append("project = ? OR substr(project, 1, ?) = ?")
+            args += [project, str(len(project) + 1), project + ":"]
+        clauses.append("(" + " OR ".join(scope) + ")")
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), tuple(args)
 
 
 def _instance_row(r: tuple[Any, ...]) -> InstanceRow:
