@@ -13,35 +13,68 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+
+if TYPE_CHECKING:
+    from bot.config import BotConfig
+    from engine.participants import ParticipantRegistry
 
 log = logging.getLogger("run_bot")
 WIRE_LOGGERS = ("slixmpp", "irc")
 
 
-def load(conf: Path):  # type: ignore[no-untyped-def]
+def load(conf: Path, need_secrets: bool = True) -> tuple[BotConfig, ParticipantRegistry]:
     from bot.config import load_config
     from engine.participants import ParticipantRegistry
     from participants import discover
 
     registry = ParticipantRegistry(discover())
-    return load_config(conf, registry.names()), registry
+    return load_config(conf, registry.names(), need_secrets=need_secrets), registry
 
 
 def check(conf: Path) -> int:
+    """Checking needs no secrets: an unset password variable is a warning here."""
     from engine.yamlconfig import ConfigError
 
     try:
-        config, _ = load(conf)
+        config, _ = load(conf, need_secrets=False)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem)
         print(f"{len(exc.problems)} problem(s) found", file=sys.stderr)
         return 1
-    print(config.summary())
+    for warning in config.warnings:
+        print(f"{warning.file}:{warning.line}: warning: {warning.message}")
+    print(config.summary() + (f", {len(config.warnings)} warning(s)" if config.warnings else ""))
     return 0
+
+
+def setup_logging(config: BotConfig, console: bool) -> Path | None:
+    """Every handler formats with SafeFormatter (user text cannot forge records).
+    On the console a person reads answers, so the log goes to var/bot.log and
+    only warnings and errors also reach the terminal; returns the log file."""
+    from bot.logsafety import LOG_FORMAT, SafeFormatter, install
+
+    root = logging.getLogger()
+    root.setLevel(config.log_level)
+    log_file = None
+    if console:
+        log_file = config.home / "var" / "bot.log"
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        for handler in root.handlers:
+            handler.setLevel(logging.WARNING)
+        to_file = logging.FileHandler(log_file, encoding="utf-8")
+        to_file.setFormatter(SafeFormatter(LOG_FORMAT))
+        root.addHandler(to_file)
+    install(root)
+    # The protocol libraries dump raw traffic at DEBUG, and slixmpp's includes the
+    # SASL exchange (the password, base64-encoded): secrets never reach the log.
+    for wire in WIRE_LOGGERS:
+        logging.getLogger(wire).setLevel(logging.INFO)
+    return log_file
 
 
 async def serve(conf: Path, console: bool) -> int:
@@ -57,11 +90,9 @@ async def serve(conf: Path, console: bool) -> int:
             print(problem, file=sys.stderr)
         print("refusing to start: fix the configuration (python run_bot.py check)", file=sys.stderr)
         return 1
-    logging.getLogger().setLevel(config.log_level)
-    # The protocol libraries dump raw traffic at DEBUG, and slixmpp's includes the
-    # SASL exchange (the password, base64-encoded): secrets never reach the log.
-    for wire in WIRE_LOGGERS:
-        logging.getLogger(wire).setLevel(logging.INFO)
+    log_file = setup_logging(config, console)
+    for warning in config.warnings:
+        log.warning("%s", warning)
     app = App(config, registry)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -80,7 +111,7 @@ async def serve(conf: Path, console: bool) -> int:
         return 1
     if console:
         print(f"release bot ready ({config.summary()}); you are {config.console_user}; "
-              "type 'help', Ctrl-D to quit", flush=True)
+              f"type 'help', Ctrl-D to quit; log: {log_file}", flush=True)
         closed = asyncio.ensure_future(terminal.closed.wait())
         stopped = asyncio.ensure_future(stop.wait())
         await asyncio.wait([closed, stopped], return_when=asyncio.FIRST_COMPLETED)
@@ -99,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--conf", type=Path, default=HERE / "conf", help="configuration directory")
     parser.add_argument("--console", action="store_true", help="also chat on stdin/stdout")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from bot.logsafety import LOG_FORMAT, install
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=LOG_FORMAT)
+    install()
     logging.getLogger("apscheduler").setLevel(logging.WARNING)  # it logs every re-arm at INFO
     if args.command == "check":
         return check(Path(args.conf_dir) if args.conf_dir else args.conf)

@@ -6,6 +6,22 @@ IRC account names belong to one network (anyone may register "alice" on
 another), so IRC identities are configured per network.  An IRC hostmask
 pattern counts only where that user's entry explicitly allows it, and the
 match is reported as weaker.
+
+Who may do what (the one place it is decided; commands and approvals ask here):
+
+* read (``ps``, ``show``, ``history``): instances of the projects, and their
+  sub-projects, where the user holds any role; instances without a project:
+  every known user; admins: everything.
+* launch: one of the process's ``launch_roles`` on the project it runs in.
+  That project is the process's own, or one of its sub-projects named at
+  launch (``project=Foo:Bar``), never another.  A process without a project
+  is a utility: ``project=`` puts it in the caller's project, where they need
+  the launch role (and the instance is then that project's, read and managed
+  by its people); without ``project=`` it runs in no project and needs the
+  launch role on every project (``"*"``).
+* cancel, retry: one of the process's launch roles on the instance's project
+  (for an instance without a project: on every project).
+* schedules: those whose process the user may launch.
 """
 from __future__ import annotations
 
@@ -15,11 +31,20 @@ from dataclasses import dataclass, field
 
 from bot.chat import (UNVERIFIED, VERIFIED_CONSOLE, VERIFIED_HOSTMASK, VERIFIED_JID,
                       VERIFIED_SERVICES, Identity)
+from engine.errors import Refusal
 
 log = logging.getLogger(__name__)
 
 ADMINS = "admins"          # the role that may do everything, everywhere
 GLOBAL = "*"               # roles granted on every project
+
+
+class NotAuthorised(Refusal):
+    """The caller may not do this; logged as a warning with who asked."""
+
+
+class WrongProject(Refusal):
+    """A launch names a project the process may not run in."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +75,21 @@ class User:
     def has_role(self, role: str, project: str | None = None) -> bool:
         roles = self.roles_on(project)
         return ADMINS in roles or role in roles
+
+    @property
+    def reads_everything(self) -> bool:
+        """Any role on every project ("*") lets a user read every project."""
+        return bool(self.roles.get(GLOBAL))
+
+    def readable_projects(self) -> tuple[str, ...] | None:
+        """The projects whose instances (with their sub-projects') this user may
+        read, besides those without a project; None: every project."""
+        if self.reads_everything:
+            return None
+        return tuple(sorted(p for p, roles in self.roles.items() if roles))
+
+    def may_read(self, project: str | None) -> bool:
+        return project is None or bool(self.roles_on(project))
 
 
 @dataclass(frozen=True)
@@ -100,3 +140,42 @@ class Directory:
             user = self._xmpp.get(ident.account.lower())
             return Caller(ident, user, VERIFIED_JID if user else ident.verified_by)
         return Caller(ident, None, ident.verified_by)
+
+
+# -- authorisation: the rules in the module docstring ---------------------------------
+
+def _roles_text(roles: tuple[str, ...]) -> str:
+    return " or ".join(map(repr, roles))
+
+
+def authorise_launch(user: User, process: str, process_project: str | None,
+                     launch_roles: tuple[str, ...], project: str | None) -> None:
+    """May ``user`` launch ``process`` into ``project`` (the one named at launch,
+    or the process's own)?  Raises NotAuthorised, or Refusal for a project the
+    process may not move to."""
+    if process_project and project != process_project and not (project or "").startswith(process_project + ":"):
+        # roles are checked on the project named: moving a process to another one would let
+        # a release manager of any project launch it
+        raise WrongProject(f"{process} belongs to project {process_project}; project= may name only it "
+                      "or one of its sub-projects")
+    roles = launch_roles or (ADMINS,)
+    if not any(user.has_role(role, project) for role in roles):
+        raise NotAuthorised(f"not authorised: launching {process} needs role {_roles_text(roles)}"
+                            + (f" on {project}" if project else ""))
+
+
+def authorise_manage(user: User, action: str, instance_id: int, launch_roles: tuple[str, ...],
+                     project: str | None) -> None:
+    """cancel/retry (and, next, answering for an instance): a launch role of its
+    process on the instance's project."""
+    roles = launch_roles or (ADMINS,)
+    if not any(user.has_role(role, project) for role in roles):
+        raise NotAuthorised(f"not authorised: {action} #{instance_id} needs role {_roles_text(roles)}"
+                            + (f" on {project}" if project else ""))
+
+
+def authorise_read(user: User, instance_id: int, project: str | None) -> None:
+    if not user.may_read(project):
+        # the same words as for an id that does not exist: a refusal must not confirm
+        # that another project's instance is there
+        raise NotAuthorised(f"no instance #{instance_id}")

@@ -8,8 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Protocol
 
+from engine.errors import ReleasebotError
 
-class TransportError(Exception):
+
+class TransportError(ReleasebotError):
     """A front-end failed (connection lost, auth refused, ...); the protocol
     library's own exception is chained as ``__cause__``."""
 

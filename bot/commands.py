@@ -2,8 +2,11 @@
 
 A command is a coroutine tagged with ``@command``; ``Registry.collect``
 gathers tagged functions, and help text comes from their tags.  Handlers
-get a ``Context`` and return the reply lines; a ``CommandError`` is the
-user's mistake (usage, not allowed, unknown id) and changes nothing.
+get a ``Context`` and return the reply lines.  Any ``Refusal`` (a
+``CommandError`` for usage, ``NotAuthorised`` from ``bot.access``, an
+``EngineError`` such as an unknown id) is answered with its one line and
+changes nothing; anything else is a bug: logged, and answered with
+"internal error".  Who may do what is decided in ``bot.access``.
 """
 from __future__ import annotations
 
@@ -16,19 +19,21 @@ from typing import Any, Awaitable, Callable, Iterable
 
 import yaml
 
-from bot.access import ADMINS, Caller, Directory
+from bot.access import (Caller, Directory, NotAuthorised, User, WrongProject, authorise_launch,
+                        authorise_manage, authorise_read)
 from bot.chat import Message
+from bot.logsafety import sanitise
 from bot.pacing import Cooldown
 from bot.rendering import detail_lines, history_line, schedule_line, summary_line
-from engine.errors import EngineError
+from engine.errors import Refusal
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[["Context"], Awaitable[list[str]]]
 
 
-class CommandError(Exception):
-    """A user-facing refusal: one line, nothing changed."""
+class CommandError(Refusal):
+    """The user's mistake (usage, a bad value): one line, nothing changed."""
 
 
 @dataclass(frozen=True)
@@ -78,11 +83,13 @@ class Context:
         who = self.caller.user.name if self.caller.user else ident.handle
         return f"{who} via {ident.protocol}:{ident.network}"
 
-    def require(self, role: str, project: str | None = None) -> None:
+    @property
+    def user(self) -> User:
+        """The verified, known caller (privileged commands never run without one)."""
         user = self.caller.user
-        if user is None or not user.has_role(role, project):
-            where = f" on {project}" if project else ""
-            raise CommandError(f"not authorised: {self.spec.name} needs role {role!r}{where}")
+        if user is None:
+            raise NotAuthorised(f"not authorised: {self.spec.name} needs a verified, known user")
+        return user
 
     def usage_error(self, why: str) -> CommandError:
         return CommandError(f"{why}. Usage: {self.spec.usage}")
@@ -92,12 +99,6 @@ class Context:
 class Response:
     lines: list[str]
     ok: bool = True
-
-
-def sanitise(text: str, limit: int = 200) -> str:
-    """User text made safe for a log line: no control characters, bounded."""
-    clean = "".join(ch if ch.isprintable() else "?" for ch in text)
-    return clean if len(clean) <= limit else clean[:limit] + "..."
 
 
 @dataclass
@@ -140,11 +141,10 @@ class Dispatcher:
         ctx = Context(caller, message, args[1:], spec, self.engine, self.registry)
         try:
             lines = await spec.handler(ctx)
-        except CommandError as exc:
-            if str(exc).startswith("not authorised"):
-                log.warning("refused %r from %s: %s", sanitise(words), ctx.actor, exc)
+        except NotAuthorised as exc:
+            log.warning("refused %r from %s: %s", sanitise(words), ctx.actor, exc)
             return Response([str(exc)], ok=False)
-        except EngineError as exc:
+        except Refusal as exc:
             return Response([str(exc)], ok=False)
         log.info("%s ran %r", ctx.actor, sanitise(words))
         return Response(lines)
@@ -165,6 +165,7 @@ def rate_key(caller: Caller) -> str:
 # --- argument helpers -------------------------------------------------------
 
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ID = re.compile(r"[0-9]{1,18}", re.ASCII)
 
 
 def parse_fields(ctx: Context, pairs: list[str]) -> dict[str, Any]:
@@ -178,6 +179,9 @@ def parse_fields(ctx: Context, pairs: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError:
             value = raw
+        except (ValueError, OverflowError, RecursionError) as exc:     # e.g. a 5,000-digit number
+            raise ctx.usage_error(f"cannot read the value of {sanitise(key, 40)!r} "
+                                  f"({sanitise(type(exc).__name__, 30)})") from None
         if not isinstance(value, (str, int, float, bool)) and value is not None:
             value = raw
         fields[key] = value
@@ -189,7 +193,7 @@ def parse_id(ctx: Context, more: bool = False) -> int:
     if not ctx.args or (len(ctx.args) != 1 and not more):
         raise ctx.usage_error("expected one instance id")
     text = ctx.args[0].lstrip("#")
-    if not text.isdigit() or len(text) > 18:
+    if not _ID.fullmatch(text):      # ASCII only: str.isdigit() also accepts "²", which int() refuses
         raise ctx.usage_error(f"bad instance id {sanitise(ctx.args[0], 30)!r}")
     return int(text)
 
@@ -224,21 +228,12 @@ async def cmd_launch(ctx: Context) -> list[str]:
         raise ctx.usage_error(f"unknown process {sanitise(name, 40)!r} (known: {known})")
     fields = parse_fields(ctx, ctx.args[1:])
     project = fields.get("project", spec.project)
-    project = project if isinstance(project, str) else None
-    if spec.project and project != spec.project and not (project or "").startswith(spec.project + ":"):
-        # roles are checked on the project named: moving a process to another one would let
-        # a release manager of any project launch it
-        raise ctx.usage_error(f"{name} belongs to project {spec.project}; project= may name only it "
-                              "or one of its sub-projects")
-    for role in spec.launch_roles or (ADMINS,):
-        try:
-            ctx.require(role, project)
-            break
-        except CommandError:
-            continue
-    else:
-        raise CommandError(f"not authorised: launching {name} needs role "
-                           f"{' or '.join(map(repr, spec.launch_roles))}" + (f" on {project}" if project else ""))
+    if project is not None and not isinstance(project, str):
+        raise ctx.usage_error("project= names a project, like Project:Devel")
+    try:
+        authorise_launch(ctx.user, name, spec.project, tuple(spec.launch_roles), project)
+    except WrongProject as exc:
+        raise ctx.usage_error(str(exc)) from None
     iid = await ctx.engine.launch(name, fields, actor=ctx.actor)
     return [f"launched {name} as #{iid}"]
 
@@ -247,42 +242,43 @@ async def cmd_launch(ctx: Context) -> list[str]:
 async def cmd_ps(ctx: Context) -> list[str]:
     if ctx.args not in ([], ["all"]):
         raise ctx.usage_error("unexpected arguments")
-    rows = await ctx.engine.instances(include_finished=bool(ctx.args), limit=PS_LIMIT)
+    everything = bool(ctx.args)
+    rows = await ctx.engine.instances(include_finished=everything, limit=PS_LIMIT,
+                                      projects=ctx.user.readable_projects())
     if not rows:
-        return ["no instances" if ctx.args else "no running, waiting or failed instances"]
+        return ["no instances" if everything else "no running, waiting or failed instances"]
     lines = [summary_line(r) for r in rows]
-    total = await ctx.engine.instance_count(include_finished=bool(ctx.args))
+    total = await ctx.engine.instance_count(include_finished=everything, projects=ctx.user.readable_projects())
     if total > len(rows):      # the list is capped: say so rather than cut it silently
         lines.append(f"... and {total - len(rows)} older (show <id> for any of them)")
     return lines
 
 
+async def _readable(ctx: Context, iid: int) -> None:
+    summary = await ctx.engine.summary(iid)
+    authorise_read(ctx.user, iid, summary.project)
+
+
 @command("show <id>", "an instance's state, fields, pending steps and timers")
 async def cmd_show(ctx: Context) -> list[str]:
-    detail = await ctx.engine.describe(parse_id(ctx))
-    return detail_lines(detail)
+    iid = parse_id(ctx)
+    await _readable(ctx, iid)
+    return detail_lines(await ctx.engine.describe(iid))
 
 
 @command("history <id>", "every transition of an instance: time, step, event, actor")
 async def cmd_history(ctx: Context) -> list[str]:
     iid = parse_id(ctx)
-    entries = await ctx.engine.history(iid)
-    return [history_line(e) for e in entries]
+    await _readable(ctx, iid)
+    return [history_line(e) for e in await ctx.engine.history(iid)]
 
 
 async def _owned(ctx: Context, iid: int) -> None:
     """cancel/retry need a launch role of the instance's process on its project."""
     summary = await ctx.engine.summary(iid)
+    authorise_read(ctx.user, iid, summary.project)
     spec = ctx.engine.specs.get(summary.process)
-    roles = (spec.launch_roles if spec else ()) or (ADMINS,)
-    for role in roles:
-        try:
-            ctx.require(role, summary.project)
-            return
-        except CommandError:
-            continue
-    raise CommandError(f"not authorised: {ctx.spec.name} #{iid} needs role "
-                       f"{' or '.join(map(repr, roles))}" + (f" on {summary.project}" if summary.project else ""))
+    authorise_manage(ctx.user, ctx.spec.name, iid, tuple(spec.launch_roles) if spec else (), summary.project)
 
 
 @command("cancel <id>", "cancel an instance; pending steps are told")
@@ -311,7 +307,20 @@ async def cmd_schedules(ctx: Context) -> list[str]:
     rows = await ctx.engine.schedules()
     if not rows:
         return ["no schedules configured"]
-    return [schedule_line(s) for s in rows]
+    mine = [s for s in rows if _may_launch_scheduled(ctx.user, ctx.engine.specs.get(s.process))]
+    if not mine:
+        return [f"none of the {len(rows)} schedule(s) runs a process you may launch"]
+    return [schedule_line(s) for s in mine]
+
+
+def _may_launch_scheduled(user: User, spec: Any) -> bool:
+    if spec is None:
+        return False
+    try:
+        authorise_launch(user, spec.name, spec.project, tuple(spec.launch_roles), spec.project)
+    except Refusal:
+        return False
+    return True
 
 
 def default_registry() -> Registry:

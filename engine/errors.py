@@ -1,10 +1,27 @@
-"""The engine's exception tree.  ``EngineError`` messages are user-facing
-(one line, nothing changed); anything else is a bug."""
+"""The bot's exception tree, rooted here in the innermost layer.
+
+``ReleasebotError`` is the root of every error the bot raises on purpose.
+``Refusal`` is the user-facing branch: a request refused with one line of
+explanation, having changed nothing (the engine's ``EngineError``, the
+dispatcher's ``CommandError`` and its ``NotAuthorised``).  Anything that is
+not a ``Refusal`` and reaches the dispatcher is a bug, logged with its
+traceback.  Outer layers add their own subclasses (``bot.access.NotAuthorised``,
+``bot.chat.TransportError``); callers pick a log level by class, never by
+matching message text.
+"""
 from __future__ import annotations
 
 
-class EngineError(Exception):
-    """A refused request: unknown process or instance, nothing to retry, ..."""
+class ReleasebotError(Exception):
+    """Root of the bot's own errors."""
+
+
+class Refusal(ReleasebotError):
+    """A request refused: one line for the person who asked; nothing changed."""
+
+
+class EngineError(Refusal):
+    """A refused engine request: unknown process or instance, nothing to retry, ..."""
 
 
 class UnknownProcess(EngineError):

@@ -43,7 +43,7 @@ class Bot:
         self.home = home
         self.proc: subprocess.Popen[str] | None = None
         self.lines: queue.Queue[str] = queue.Queue()
-        self.log: list[str] = []
+        self.stderr: list[str] = []
 
     def start(self, env: dict[str, str] | None = None) -> "Bot":
         self.proc = subprocess.Popen(
@@ -61,7 +61,14 @@ class Bot:
 
     def _pump_log(self, stream: Any) -> None:
         for line in stream:
-            self.log.append(line.rstrip("\n"))
+            self.stderr.append(line.rstrip("\n"))
+
+    @property
+    def log(self) -> list[str]:
+        """The bot's log so far: on the console it goes to var/bot.log (only
+        warnings also reach stderr), as a person running it would see it."""
+        path = self.home / "var" / "bot.log"
+        return path.read_text(encoding="utf-8").splitlines() if path.exists() else []
 
     def send(self, command: str) -> None:
         assert self.proc and self.proc.stdin

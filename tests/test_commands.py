@@ -121,10 +121,11 @@ async def test_roles_are_per_project_and_inherited_from_parents(setup) -> None: 
 
 async def test_cancel_and_retry_need_a_launch_role_on_the_instances_project(setup) -> None:  # type: ignore[no-untyped-def]
     dispatcher, engine, _ = setup
-    assert await say(dispatcher, irc("alice", "alice"), "launch timed-release project=Project:Foo") == [
+    assert await say(dispatcher, irc("alice", "alice"), "launch timed-release project=Project:Devel:Foo") == [
         "launched timed-release as #1"]
+    # bob may read Project:Devel's instances (he publishes there) but is no release manager
     assert await say(dispatcher, irc("bob", "bob"), "cancel 1") == [
-        "not authorised: cancel #1 needs role 'release-managers' on Project:Foo"]
+        "not authorised: cancel #1 needs role 'release-managers' on Project:Devel:Foo"]
     assert (await engine.summary(1)).status == "waiting"
     assert await say(dispatcher, irc("alice", "alice"), "cancel 1") == ["cancelled #1"]
     history = await engine.history(1)
