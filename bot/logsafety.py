@@ -42,6 +42,15 @@ CONTINUATION = "\n  | "
 class SafeFormatter(logging.Formatter):
     """A ``logging.Formatter`` whose output cannot be split into forged records."""
 
+    def format(self, record: logging.LogRecord) -> str:
+        # Another handler may have cached its own, unindented traceback text on the record.
+        cached = record.exc_text
+        record.exc_text = None
+        try:
+            return super().format(record)
+        finally:
+            record.exc_text = cached
+
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = escape_controls(record.message)
         return super().formatMessage(record)

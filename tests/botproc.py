@@ -89,6 +89,16 @@ class Bot:
         raise AssertionError(f"no line containing {text!r} within {timeout}s; got {seen}; "
                              f"log tail: {self.log[-10:]}")
 
+    def expect_log(self, text: str, timeout: float = 10) -> str:
+        """Wait until the log has a line containing ``text``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.log:
+                if text in line:
+                    return line
+            time.sleep(0.05)
+        raise AssertionError(f"no log line containing {text!r} within {timeout}s; tail: {self.log[-10:]}")
+
     def ask(self, command: str, timeout: float = 10) -> list[str]:
         """Send a command and collect its reply lines (until output goes quiet)."""
         self.send(command)

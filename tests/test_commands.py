@@ -229,3 +229,112 @@ async def test_retry_may_set_the_fields_that_fix_the_failure(setup) -> None:  # 
     assert (await engine.describe(1)).fields["threshold"] == 3
     # (what was retried is the 'error' step itself, which fails again by design: the engine-level
     # test test_retry_sets_the_fields_that_were_the_fix shows a fix that lets the instance finish)
+
+
+# -- inputs that once raised "internal error" --------------------------------------------
+
+@pytest.mark.parametrize("command", ["show ²", "cancel ²", "history ²", "show ١٢", "retry 𝟙"])
+async def test_non_ascii_digits_are_not_an_instance_id(setup, command: str) -> None:  # type: ignore[no-untyped-def]
+    dispatcher, _, _ = setup
+    [line] = await say(dispatcher, irc("alice", "alice"), command)
+    assert line.startswith("bad instance id") and "Usage:" in line
+
+
+async def test_a_value_too_long_to_convert_is_a_usage_error(setup) -> None:  # type: ignore[no-untyped-def]
+    dispatcher, engine, _ = setup
+    [line] = await say(dispatcher, irc("alice", "alice"), "launch hello n=" + "9" * 5000)
+    assert line.startswith("cannot read the value of 'n'") and "Usage: launch" in line
+    assert await engine.instances(include_finished=True) == []
+
+
+async def test_a_bare_prefix_or_address_gets_the_hint(setup) -> None:  # type: ignore[no-untyped-def]
+    dispatcher, _, _ = setup
+    # the front-ends pass "" on for "!" alone or "releasebot:" alone
+    assert await say(dispatcher, irc("bob", "bob"), "") == ["say 'help' for the list of commands"]
+
+
+# -- reads are scoped by project ------------------------------------------------------------
+
+@pytest.fixture
+async def projects(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Processes on Foo, Bar and no project; bob reads only Foo, carol everything, dave nothing."""
+    registry = ParticipantRegistry(discover())
+    store = Store(tmp_path / "bot.sqlite3")
+    store.open()
+    from tests.engine_fixtures import spec_from_yaml
+    specs = {name: spec_from_yaml(name, f"""
+        {('project: ' + project) if project else ''}
+        launch_roles: [release-managers]
+        steps:
+          - participant: hold
+        """, registry.names()) for name, project in (("foo", "Foo"), ("bar", "Bar"), ("free", None))}
+    engine = Engine(store, specs, registry, clock=ManualClock(), use_scheduler=False)
+    await engine.start()
+    users = [User("admin", roles={"*": frozenset({"admins"})}),
+             User("bob", irc={"libera": IrcIds(("bob",))}, roles={"Foo": frozenset({"release-managers"})}),
+             User("carol", irc={"libera": IrcIds(("carol",))}, roles={"*": frozenset({"viewers"})}),
+             User("dave", irc={"libera": IrcIds(("dave",))})]
+    dispatcher = Dispatcher(engine, Directory(users), default_registry())
+    for name in ("foo", "bar", "free"):
+        await engine.launch(name, {}, actor="test")
+    await engine.launch("foo", {"project": "Foo:Sub"}, actor="test")
+    await engine.launch("bar", {"project": "Bar:Foo"}, actor="test")   # a "Foo" that is not Foo's
+    yield dispatcher, engine
+    await engine.stop()
+    store.close()
+
+
+async def test_a_user_reads_only_the_projects_where_they_hold_a_role(projects) -> None:  # type: ignore[no-untyped-def]
+    dispatcher, _ = projects
+    bob = irc("bob", "bob")
+    listed = await say(dispatcher, bob, "ps")
+    assert [line.split()[0] for line in listed] == ["#4", "#3", "#1"]      # Foo:Sub, no project, Foo
+    for command in ("show 2", "history 2", "cancel 2", "retry 2", "show 5"):
+        assert await say(dispatcher, bob, command) == [f"no instance #{command.split()[1]}"], command
+    assert (await say(dispatcher, bob, "show 1"))[0].startswith("#1 foo: waiting (project Foo)")
+    assert (await say(dispatcher, bob, "show 3"))[0].startswith("#3 free: waiting")     # no project: everyone
+
+
+async def test_admins_and_global_roles_read_everything_and_others_only_projectless(projects) -> None:  # type: ignore[no-untyped-def]
+    dispatcher, _ = projects
+    assert len(await say(dispatcher, irc("carol", "carol"), "ps")) == 5
+    assert [line.split()[0] for line in await say(dispatcher, irc("dave", "dave"), "ps")] == ["#3"]
+    assert await say(dispatcher, irc("dave", "dave"), "show 1") == ["no instance #1"]
+
+
+async def test_an_unreadable_instance_is_refused_like_a_missing_one(projects, caplog) -> None:  # type: ignore[no-untyped-def]
+    dispatcher, _ = projects
+    caplog.set_level(logging.WARNING, "bot.commands")
+    assert await say(dispatcher, irc("bob", "bob"), "show 2") == ["no instance #2"]
+    assert await say(dispatcher, irc("bob", "bob"), "show 99") == ["no instance #99"]
+    assert any("refused 'show 2' from bob" in r.getMessage() for r in caplog.records)
+
+
+async def test_schedules_lists_only_those_the_user_may_launch(tmp_path: Path) -> None:
+    from engine.schedules import ScheduleSpec
+    from tests.engine_fixtures import spec_from_yaml
+
+    registry = ParticipantRegistry(discover())
+    specs = {name: spec_from_yaml(name, f"""
+        project: {project}
+        launch_roles: [release-managers]
+        steps:
+          - participant: echo
+        """, registry.names()) for name, project in (("foo", "Foo"), ("bar", "Bar"))}
+    store = Store(tmp_path / "bot.sqlite3")
+    store.open()
+    engine = Engine(store, specs, registry, clock=ManualClock(), use_scheduler=False,
+                    schedules=[ScheduleSpec("nightly-foo", "0 2 * * *", "foo", {}),
+                               ScheduleSpec("nightly-bar", "0 3 * * *", "bar", {})])
+    await engine.start()
+    try:
+        bob = User("bob", irc={"libera": IrcIds(("bob",))}, roles={"Foo": frozenset({"release-managers"})})
+        dave = User("dave", irc={"libera": IrcIds(("dave",))}, roles={"Foo": frozenset({"viewers"})})
+        dispatcher = Dispatcher(engine, Directory([bob, dave]), default_registry())
+        [line] = await say(dispatcher, irc("bob", "bob"), "schedules")
+        assert line.startswith("nightly-foo: 0 2 * * * -> foo")
+        assert await say(dispatcher, irc("dave", "dave"), "schedules") == [
+            "none of the 2 schedule(s) runs a process you may launch"]
+    finally:
+        await engine.stop()
+        store.close()
