@@ -44,7 +44,7 @@ class Backoff:
 
     def delay(self) -> float:
         """The wait before the next attempt; each call counts one more failure."""
-        cap = min(self.maximum, self.minimum * 2 ** min(self.attempt, 30))
+        cap: float = min(self.maximum, self.minimum * 2.0 ** min(self.attempt, 30))
         self.attempt += 1
         return cap / 2 + self._rng() * cap / 2
 
