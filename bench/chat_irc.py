@@ -36,21 +36,14 @@ from bot.commands import Dispatcher, default_registry  # noqa: E402
 from bot.router import Router  # noqa: E402
 from bot.transports.irc import IrcConfig, IrcTransport  # noqa: E402
 from engine.engine import Engine  # noqa: E402
-from tests.servers import free_port  # noqa: E402
-from tests.servers.irc import Human, Ngircd  # noqa: E402
+from tests.serverkit import ServerMissing  # noqa: E402
+from tests.serverkit.irc import Human, start_ngircd  # noqa: E402
 
 COMMANDS = 1000
 WARMUP = 50
 PACED_LINES = 60
 PACED_RATE = 10.0
 PACED_BURST = 5
-
-
-def _ngircd_binary() -> str:
-    path = shutil.which("ngircd") or "/usr/sbin/ngircd"
-    if not Path(path).exists():
-        raise SystemExit("ngircd is not installed (apt-get install ngircd)")
-    return path
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -72,7 +65,10 @@ async def _bot(engine: Engine, port: int, nick: str, channel: str, **pacing: obj
 async def run() -> dict[str, float]:
     logging.getLogger("bot").setLevel(logging.WARNING)
     directory = Path(tempfile.mkdtemp(prefix="bench-irc-"))
-    server = Ngircd(directory, free_port(), penalties=False, binary=_ngircd_binary()).start()
+    try:
+        server = start_ngircd(directory, penalties=False)
+    except ServerMissing as exc:
+        raise SystemExit(str(exc)) from None
     bots: list[IrcTransport] = []
     human: Human | None = None
     engine, store = await ps_engine(directory)
