@@ -870,3 +870,63 @@ def test_a_broken_network_entry_is_reported_once_not_again_for_every_user_on_it(
             roles: {"*": [admins]}
         """})
     assert found and all(p.startswith("conf/bot.yaml:") for p in found), found
+
+
+# -- warnings: reported by check, never stopping it ------------------------------------------
+
+SECRET_NETWORKS = """
+    console: {user: admin}
+    networks:
+      - protocol: irc
+        name: libera
+        host: 127.0.0.1
+        tls: false
+        nick: rb
+        sasl_password_env: RB_TEST_UNSET_IRC_PASSWORD
+      - protocol: xmpp
+        name: jabber
+        jid: rb@localhost
+        tls: plaintext
+        password_env: RB_TEST_UNSET_XMPP_PASSWORD
+    """
+
+
+def test_check_needs_no_secrets_but_the_bot_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RB_TEST_UNSET_IRC_PASSWORD", raising=False)
+    monkeypatch.delenv("RB_TEST_UNSET_XMPP_PASSWORD", raising=False)
+    home = make_home(tmp_path, {"bot.yaml": SECRET_NETWORKS})
+    result = run_bot("check", str(home / "conf"), cwd=home)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split(": warning: ")[0] for line in lines[:2]] == ["conf/bot.yaml:9", "conf/bot.yaml:14"]
+    assert "RB_TEST_UNSET_IRC_PASSWORD is not set" in lines[0] and "refuse to start" in lines[0]
+    assert "RB_TEST_UNSET_XMPP_PASSWORD is not set" in lines[1]
+    assert lines[2].endswith(", 2 warning(s)")
+    started = run_bot("run", "--conf", str(home / "conf"), cwd=home)
+    assert started.returncode == 1
+    assert any(line.startswith("conf/bot.yaml:9: ") and "RB_TEST_UNSET_IRC_PASSWORD" in line
+               for line in started.stderr.splitlines()), started.stderr
+
+
+def test_hostmasks_on_a_network_that_does_not_allow_them_get_a_warning(tmp_path: Path) -> None:
+    home = make_home(tmp_path, {"bot.yaml": """
+        console: {user: admin}
+        networks:
+          - protocol: irc
+            name: libera
+            host: 127.0.0.1
+            tls: false
+            nick: rb
+            allow_hostmask: false
+        """, "users.yaml": """
+        users:
+          admin:
+            roles: {"*": [admins]}
+          bob:
+            irc: {libera: {accounts: [bob], hostmasks: ["bob!~bob@build.example.org"]}}
+        """})
+    config = load_config(home / "conf", PARTICIPANTS)
+    assert [str(w) for w in config.warnings] == [
+        "conf/users.yaml:5: user 'bob': hostmasks on libera are never used: that network has allow_hostmask: false"]
+    result = run_bot("check", str(home / "conf"), cwd=home)
+    assert result.returncode == 0 and result.stdout.splitlines()[0].startswith("conf/users.yaml:5: warning: ")
