@@ -26,7 +26,7 @@ from bot.access import Directory, User  # noqa: E402
 from bot.commands import Dispatcher, default_registry  # noqa: E402
 from bot.router import Router  # noqa: E402
 from bot.transports.xmpp import XmppConfig, XmppTransport  # noqa: E402
-from tests.servers.xmpp import Human, Prosody  # noqa: E402
+from tests.serverkit.xmpp import Human, Prosody  # noqa: E402
 
 COMMANDS = 1000
 WARM_UP = 50
