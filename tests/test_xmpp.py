@@ -1,13 +1,13 @@
 """The XMPP front-end against a real Prosody on 127.0.0.1, with a real
 slixmpp client playing the human, wired exactly as the bot wires it:
-Router(Dispatcher(engine, directory, registry)).serve(XmppTransport(cfg))."""
+Router(Dispatcher(engine, directory, registry)).serve(XmppTransport(cfg)).
+The parts that need no server are in test_xmpp_units.py."""
 from __future__ import annotations
 
 import asyncio
 import logging
 import shutil
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -18,14 +18,9 @@ from bot.access import Directory, User
 from bot.chat import Identity, Message, Room, TransportError
 from bot.commands import Dispatcher, default_registry
 from bot.router import Router
-from bot.transports.xmpp import XmppConfig, XmppTransport, parse_config, split_text
-from engine.definitions import parse_definition
+from bot.transports.xmpp import XmppConfig, XmppTransport
 from engine.engine import Engine
-from engine.participants import ParticipantRegistry
-from engine.yamlconfig import loads_yaml
-from engine.store import Store
-from engine.timers import ManualClock
-from participants import discover
+from tests.engine_fixtures import EngineFactory
 from tests.servers import free_port
 from tests.servers.tls import ThrowawayCA
 from tests.servers.xmpp import Human, Prosody, Received
@@ -38,8 +33,6 @@ steps:
   - participant: hold
 """
 
-pytestmark = pytest.mark.servers
-
 
 class Bot:
     """One running XmppTransport and everything it dispatched."""
@@ -51,17 +44,8 @@ class Bot:
 
 
 @pytest.fixture
-async def engine(tmp_path: Path) -> AsyncIterator[Engine]:
-    registry = ParticipantRegistry(discover())
-    spec, problems = parse_definition(loads_yaml(WAITS, "waits.yaml"), "waits.yaml", "waits", registry.names())
-    assert spec is not None, problems
-    store = Store(tmp_path / "bot.sqlite3")
-    store.open()
-    eng = Engine(store, {"waits": spec}, registry, clock=ManualClock(), use_scheduler=False)
-    await eng.start()
-    yield eng
-    await eng.stop()
-    store.close()
+async def engine(engines: EngineFactory) -> Engine:
+    return await engines({"waits": WAITS})
 
 
 @pytest.fixture
@@ -112,6 +96,7 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> Non
 
 # --- direct messages ------------------------------------------------------------
 
+@pytest.mark.servers
 async def test_direct_messages_are_commands_and_whoami_shows_the_verified_bare_jid(
         prosody: Prosody, start_bot, xmpp_human) -> None:  # type: ignore[no-untyped-def]
     await start_bot()
@@ -124,6 +109,7 @@ async def test_direct_messages_are_commands_and_whoami_shows_the_verified_bare_j
     assert (await alice.ask(bot, "frobnicate")).startswith("unknown command 'frobnicate'")
 
 
+@pytest.mark.servers
 async def test_unknown_jid_is_not_authorised_and_it_is_logged(
         prosody: Prosody, start_bot, xmpp_human, caplog) -> None:  # type: ignore[no-untyped-def]
     await start_bot()
@@ -137,6 +123,7 @@ async def test_unknown_jid_is_not_authorised_and_it_is_logged(
     assert "botpw" not in caplog.text
 
 
+@pytest.mark.servers
 async def test_commands_sent_while_the_bot_was_offline_are_not_run_late(
         prosody: Prosody, start_bot, xmpp_human) -> None:  # type: ignore[no-untyped-def]
     alice: Human = await xmpp_human("alice")
@@ -150,6 +137,7 @@ async def test_commands_sent_while_the_bot_was_offline_are_not_run_late(
 
 # --- rooms ------------------------------------------------------------------------
 
+@pytest.mark.servers
 async def test_room_commands_by_prefix_and_by_nick_answered_in_the_room(
         prosody: Prosody, start_bot, xmpp_human) -> None:  # type: ignore[no-untyped-def]
     ops = prosody.room("ops")
@@ -178,6 +166,7 @@ async def test_room_commands_by_prefix_and_by_nick_answered_in_the_room(
         ("help whoami", Room("xmpp", NET, ops)), ("whoami", None)]
 
 
+@pytest.mark.servers
 async def test_long_room_output_goes_to_the_caller_privately(
         prosody: Prosody, start_bot, xmpp_human, engine: Engine) -> None:  # type: ignore[no-untyped-def]
     ops = prosody.room("ops")
@@ -194,6 +183,7 @@ async def test_long_room_output_goes_to_the_caller_privately(
     assert not [m for m in await alice.quiet(0.2) if m.sender.startswith(ops)]
 
 
+@pytest.mark.servers
 async def test_private_output_goes_to_the_real_jid_not_to_a_nick_someone_else_took_meanwhile(
         prosody: Prosody, start_bot, xmpp_human) -> None:  # type: ignore[no-untyped-def]
     ops = prosody.room("ops")
@@ -214,6 +204,7 @@ async def test_private_output_goes_to_the_real_jid_not_to_a_nick_someone_else_to
     assert [m for m in await mallory.quiet(0.3) if m.type == "chat"] == []
 
 
+@pytest.mark.servers
 async def test_a_room_switched_to_semi_anonymous_and_back_is_trusted_only_while_it_shows_real_jids(
         prosody: Prosody, start_bot, xmpp_human, caplog) -> None:  # type: ignore[no-untyped-def]
     caplog.set_level(logging.INFO, logger="bot.transports.xmpp")
@@ -242,6 +233,7 @@ async def test_a_room_switched_to_semi_anonymous_and_back_is_trusted_only_while_
                                          ("ps", "alice@localhost", True)]
 
 
+@pytest.mark.servers
 async def test_a_server_saying_only_104_makes_the_bot_ask_the_room_whether_it_still_shows_jids(
         prosody: Prosody, start_bot, xmpp_human, caplog) -> None:  # type: ignore[no-untyped-def]
     caplog.set_level(logging.INFO, logger="bot.transports.xmpp")
@@ -273,6 +265,7 @@ async def test_a_server_saying_only_104_makes_the_bot_ask_the_room_whether_it_st
     assert caplog.text.count("re-read the occupants of") == 2    # after each real change only
 
 
+@pytest.mark.servers
 async def test_a_command_held_during_a_room_review_is_dropped_if_its_nick_changed_hands_meanwhile(
         prosody: Prosody, start_bot, xmpp_human, caplog) -> None:  # type: ignore[no-untyped-def]
     caplog.set_level(logging.INFO, logger="bot.transports.xmpp")
@@ -306,6 +299,7 @@ async def test_a_command_held_during_a_room_review_is_dropped_if_its_nick_change
     assert [(m.text, m.sender.account) for m in bot.dispatched] == [("ps", "alice@localhost")]
 
 
+@pytest.mark.servers
 async def test_semi_anonymous_room_of_someone_else_refuses_privileged_commands(
         prosody: Prosody, start_bot, xmpp_human) -> None:  # type: ignore[no-untyped-def]
     hidden = prosody.room("hidden")
@@ -327,6 +321,7 @@ async def test_semi_anonymous_room_of_someone_else_refuses_privileged_commands(
     assert (await alice.ask(prosody.jid("bot"), "whoami")).startswith("alice@localhost/test on test is alice")
 
 
+@pytest.mark.servers
 async def test_the_bot_never_answers_its_own_reflected_room_messages(
         prosody: Prosody, start_bot, xmpp_human) -> None:  # type: ignore[no-untyped-def]
     ops = prosody.room("ops")
@@ -344,18 +339,7 @@ async def test_the_bot_never_answers_its_own_reflected_room_messages(
 
 # --- outbound: splitting and pacing ------------------------------------------------
 
-def test_split_text_keeps_every_character_and_packs_lines() -> None:
-    words = " ".join(f"word{i}" for i in range(400))          # ~3,500 characters
-    chunks = split_text(f"first\n\n{words}\nlast", 1000)
-    assert all(len(c) <= 1000 for c in chunks)
-    assert chunks[0].startswith("first\nword0 ") and chunks[-1].endswith(" word399\nlast")
-    assert " ".join(" ".join(chunks).split("\n")) == f"first {words} last"   # only break spaces/newlines go
-    assert split_text("x" * 250, 100) == ["x" * 100, "x" * 100, "x" * 50]
-    assert split_text("a  b", 2) == ["a ", "b"]                # only the break's own space goes
-    assert split_text("ab\ncd\nef\n\ngh", 5) == ["ab\ncd", "ef\ngh"]   # lines share a message while they fit
-    assert split_text("ab\ncd", 4) == ["ab", "cd"]              # a message breaks only between lines
-
-
+@pytest.mark.servers
 async def test_long_text_is_split_on_line_boundaries_and_paced(
         prosody: Prosody, start_bot, xmpp_human) -> None:  # type: ignore[no-untyped-def]
     bot = await start_bot(rate=20.0, burst=2, max_line_chars=200)
@@ -377,6 +361,7 @@ async def test_long_text_is_split_on_line_boundaries_and_paced(
 
 # --- reconnection ---------------------------------------------------------------
 
+@pytest.mark.servers
 async def test_prosody_killed_and_restarted_bot_reconnects_rejoins_and_delivers_queued_lines_once(
         prosody: Prosody, start_bot, xmpp_human) -> None:  # type: ignore[no-untyped-def]
     ops = prosody.room("ops")
@@ -455,6 +440,7 @@ class CuttableProxy:
         await self.server.wait_closed()
 
 
+@pytest.mark.servers
 async def test_network_loss_resumes_the_stream_and_delivers_queued_lines_once(
         prosody: Prosody, start_bot, xmpp_human, caplog) -> None:  # type: ignore[no-untyped-def]
     proxy = CuttableProxy(prosody.port)
@@ -493,6 +479,7 @@ async def test_network_loss_resumes_the_stream_and_delivers_queued_lines_once(
 
 # --- start-up failures and configuration ---------------------------------------------
 
+@pytest.mark.servers
 async def test_tls_is_required_by_default_and_a_bad_password_fails_start(prosody: Prosody, engine) -> None:  # type: ignore[no-untyped-def]
     async def nothing(message: Message) -> None:
         raise AssertionError("no message expected")
@@ -507,6 +494,7 @@ async def test_tls_is_required_by_default_and_a_bad_password_fails_start(prosody
     assert "nope" not in str(info.value)
 
 
+@pytest.mark.servers
 async def test_starttls_with_ca_file_verifies_the_server_and_commands_are_answered(
         prosody_tls: Prosody, engine: Engine, caplog) -> None:  # type: ignore[no-untyped-def]
     caplog.set_level(logging.INFO, "bot.transports.xmpp")
@@ -529,6 +517,7 @@ async def test_starttls_with_ca_file_verifies_the_server_and_commands_are_answer
         await transport.close()
 
 
+@pytest.mark.servers
 async def test_starttls_without_the_ca_refuses_the_server_with_a_clear_error(
         prosody_tls: Prosody, caplog) -> None:  # type: ignore[no-untyped-def]
     async def nothing(message: Message) -> None:
@@ -556,117 +545,3 @@ async def test_starttls_without_the_ca_refuses_the_server_with_a_clear_error(
             await wrong_ca.start(nothing)
     finally:
         shutil.rmtree(other, ignore_errors=True)
-
-
-CONFIG = textwrap.dedent("""\
-    networks:
-      - name: jabber
-        jid: releasebot@example.org
-        password_env: TEST_XMPP_PASSWORD
-        rooms: [release@conference.example.org]
-        tls: starttls
-        rate: 2
-        reconnect_max: 5m
-      - name: broken
-        jid: not a jid@@
-        password: hunter2
-        password_env: TEST_XMPP_MISSING
-        port: "5222"
-        tls: sometimes
-        rooms: [release@conference.example.org/nick]
-        colour: blue
-""")
-
-
-def test_parse_config_reports_every_problem_with_file_and_line(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setenv("TEST_XMPP_PASSWORD", "s3cret-value")
-    monkeypatch.delenv("TEST_XMPP_MISSING", raising=False)
-    good, broken = loads_yaml(CONFIG, "conf/bot.yaml")["networks"]
-
-    cfg, problems = parse_config(good, "conf/bot.yaml")
-    assert problems == [] and cfg is not None
-    assert (cfg.name, cfg.jid, cfg.password, cfg.rooms, cfg.tls, cfg.rate, cfg.reconnect_max) == (
-        "jabber", "releasebot@example.org", "s3cret-value", ("release@conference.example.org",),
-        "starttls", 2.0, 300.0)
-    assert "s3cret" not in repr(cfg)
-
-    cfg, problems = parse_config(broken, "conf/bot.yaml")
-    assert cfg is None
-    found = sorted(str(p) for p in problems)
-    assert found == sorted([
-        "conf/bot.yaml:10: xmpp network 'broken': jid: not a valid JID (second @ found before parsing the resource)",
-        "conf/bot.yaml:11: xmpp network 'broken': the password is a secret: put it in an environment variable "
-        "and name that variable with password_env",
-        "conf/bot.yaml:12: xmpp network 'broken': environment variable TEST_XMPP_MISSING (password_env) is not set or empty",
-        "conf/bot.yaml:13: xmpp network 'broken': port: expected int, got '5222'",
-        "conf/bot.yaml:14: xmpp network 'broken': tls: expected one of starttls, direct, plaintext",
-        "conf/bot.yaml:15: xmpp network 'broken': room 'release@conference.example.org/nick': expected a bare JID "
-        "like name@example.org",
-        "conf/bot.yaml:16: xmpp network 'broken': unknown key 'colour' (expected name, jid, password_env, host, port, "
-        "tls, ca_file, rooms, nick, command_prefix, rate, burst, reconnect_min, reconnect_max, keepalive, "
-        "max_line_chars)",
-    ]), found
-    assert not any("hunter2" in p for p in found)
-
-    missing, problems = parse_config(loads_yaml("name: x\n", "b.yaml"), "b.yaml")
-    assert missing is None
-    assert sorted(str(p) for p in problems) == [
-        "b.yaml:1: xmpp network 'x': missing required key 'jid'",
-        "b.yaml:1: xmpp network 'x': missing required key 'password_env'"]
-
-
-NETWORK = textwrap.dedent("""\
-    networks:
-      - name: {name}
-        jid: {jid}
-        password_env: TEST_XMPP_PASSWORD
-{extra}""")
-
-
-def one_network(name: str, jid: str, **extra: str) -> Any:
-    lines = "".join(f"        {key}: {value}\n" for key, value in extra.items())
-    return loads_yaml(NETWORK.format(name=name, jid=jid, extra=lines), "conf/bot.yaml")["networks"][0]
-
-
-def test_parse_config_allows_plaintext_only_to_a_loopback_host(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setenv("TEST_XMPP_PASSWORD", "s3cret-value")
-    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2", "LOCALHOST."):
-        cfg, problems = parse_config(one_network("t", "bot@example.org", host=f'"{host}"', tls="plaintext"), "f")
-        assert problems == [] and cfg is not None and cfg.tls == "plaintext", host
-    cfg, problems = parse_config(one_network("t", "bot@localhost", tls="plaintext"), "f")   # host from the jid
-    assert problems == [] and cfg is not None
-
-    cfg, problems = parse_config(one_network("remote", "bot@example.org", host="xmpp.example.org",
-                                             tls="plaintext"), "conf/bot.yaml")
-    assert cfg is None and [str(p) for p in problems] == [
-        "conf/bot.yaml:6: xmpp network 'remote': tls: plaintext is only allowed to a loopback host "
-        "(localhost, 127.0.0.1, ::1), not 'xmpp.example.org': the password would cross the network unencrypted"]
-    cfg, problems = parse_config(one_network("derived", "bot@example.org", tls="plaintext"), "conf/bot.yaml")
-    assert cfg is None and [str(p) for p in problems] == [
-        "conf/bot.yaml:5: xmpp network 'derived': tls: plaintext is only allowed to a loopback host "
-        "(localhost, 127.0.0.1, ::1), not 'example.org' (the jid's domain; set host): the password would "
-        "cross the network unencrypted"]
-    cfg, problems = parse_config(one_network("tls", "bot@example.org", tls="starttls"), "conf/bot.yaml")
-    assert problems == [] and cfg is not None                   # TLS to anywhere is fine
-
-
-def test_parse_config_refuses_a_keepalive_under_one_second(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setenv("TEST_XMPP_PASSWORD", "s3cret-value")
-    for value in ("0s", "0", "500ms", "0.9s"):
-        cfg, problems = parse_config(one_network("k", "bot@example.org", keepalive=value), "conf/bot.yaml")
-        shown = repr(loads_yaml(f"v: {value}", "x")["v"])
-        assert cfg is None and [str(p) for p in problems] == [
-            "conf/bot.yaml:5: xmpp network 'k': keepalive: expected at least 1s (how often an idle connection "
-            f"is pinged: without pings a dead connection is never noticed), got {shown}"], value
-    for value, seconds in (("1s", 1.0), ("90s", 90.0)):
-        cfg, problems = parse_config(one_network("k", "bot@example.org", keepalive=value), "conf/bot.yaml")
-        assert problems == [] and cfg is not None and cfg.keepalive == seconds
-    cfg, problems = parse_config(one_network("k", "bot@example.org"), "conf/bot.yaml")
-    assert cfg is not None and cfg.keepalive == 60.0           # the default
-
-
-def test_reconnect_backoff_doubles_with_jitter_up_to_the_cap() -> None:
-    cfg = XmppConfig(name=NET, jid="bot@example.org", password="pw", reconnect_min=1.0, reconnect_max=8.0)
-    least, most = XmppTransport(cfg, rng=lambda: 0.0), XmppTransport(cfg, rng=lambda: 1.0)
-    assert [least._backoff(n) for n in range(6)] == [0.5, 1, 2, 4, 4, 4]
-    assert [most._backoff(n) for n in range(6)] == [1, 2, 4, 8, 8, 8]

@@ -12,15 +12,13 @@ learned before the change are forgotten, never carried over.  Private output
 for an occupant identified that way goes to their real JID, not to their
 nickname in the room, which someone else may hold by then.
 
-slixmpp is imported only here; its exceptions become ``TransportError``.
+slixmpp is imported only in this package; its exceptions become ``TransportError``.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
-import ipaddress
 import logging
-import os
 import random
 import re
 import ssl
@@ -28,191 +26,20 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable
 
 from bot.chat import (UNVERIFIED, VERIFIED_JID, Identity, Message, MessageHandler, Room, Target,
                       TransportError)
-from bot.commands import sanitise
-from bot.configkit import Section
+from bot.logsafety import sanitise
 from bot.pacing import TokenBucket
-from engine.yamlconfig import Node, Problem
-from engine.durations import parse_duration
+from bot.transports.xmpp.config import XmppConfig
 
 log = logging.getLogger(__name__)
 
 PROTOCOL = "xmpp"
-TLS_POLICIES = ("starttls", "direct", "plaintext")
-KEYS = ("name", "jid", "password_env", "host", "port", "tls", "ca_file", "rooms", "nick",
-        "command_prefix", "rate", "burst", "reconnect_min", "reconnect_max", "keepalive",
-        "max_line_chars")
-REQUIRED = ("name", "jid", "password_env")
-MIN_KEEPALIVE = 1.0                    # seconds; below this pings would flood, and 0 would never ping
 # XEP-0045 status codes that say a room's configuration changed.
 NOW_NON_ANONYMOUS, NOW_SEMI_ANONYMOUS, NOW_FULLY_ANONYMOUS, CONFIG_CHANGED = 172, 173, 174, 104
 ROOM_CONFIG_CODES = frozenset({NOW_NON_ANONYMOUS, NOW_SEMI_ANONYMOUS, NOW_FULLY_ANONYMOUS, CONFIG_CHANGED})
-
-
-@dataclass(frozen=True)
-class XmppConfig:
-    protocol: ClassVar[str] = "xmpp"
-    name: str                          # the network name in logs and identities
-    jid: str                           # the bot's bare JID, bot@example.org
-    password: str = field(repr=False)  # from the environment; never logged, never in repr
-    host: str | None = None            # default: the JID's domain (SRV if aiodns is installed)
-    port: int | None = None            # default: 5222 (5223 with tls=direct)
-    tls: str = "starttls"              # starttls | direct (XEP-0368) | plaintext (loopback tests only)
-    ca_file: str | None = None         # extra CA bundle; certificates are always verified
-    rooms: tuple[str, ...] = ()        # room JIDs to join (and create if missing)
-    nick: str | None = None            # default: the JID's local part
-    command_prefix: str = "!"
-    rate: float = 5.0                  # outbound lines per second ...
-    burst: int = 10                    # ... after a burst of this many
-    reconnect_min: float = 1.0         # backoff after a lost connection: min doubling to max,
-    reconnect_max: float = 300.0       # with jitter
-    keepalive: float = 60.0            # ping the server this often when idle (config: at least 1s)
-    max_line_chars: int = 3000         # longer lines are split (at a space if possible)
-    connect_timeout: float = 30.0      # start() waits this long for the first session
-    join_timeout: float = 10.0
-
-    @property
-    def room_nick(self) -> str:
-        return self.nick or self.jid.split("@", 1)[0]
-
-
-def _parse_entry(node: Any, file: str) -> tuple[XmppConfig | None, list[Problem]]:
-    """Validate one ``networks:`` entry (without its ``protocol`` key).  Every
-    problem is reported with its line; the password comes from the variable
-    named by ``password_env`` and never appears in a problem."""
-    from slixmpp.jid import JID, InvalidJID
-
-    problems: list[Problem] = []
-    line0 = getattr(node, "line", 0)
-
-    label = (f"xmpp network {node['name']!r}" if isinstance(node, dict) and isinstance(node.get("name"), str)
-             else "xmpp network")
-
-    def problem(key: str | None, message: str) -> None:
-        line = node.line_of(key) if key and isinstance(node, Node) else line0
-        problems.append(Problem(file, line, f"{label}: {message}"))
-
-    if not isinstance(node, dict):
-        problem(None, "expected a mapping")
-        return None, problems
-    for key in node:
-        if key == "password":
-            problem(key, "the password is a secret: put it in an environment variable "
-                         "and name that variable with password_env")
-        elif key not in KEYS:
-            problem(key, f"unknown key {key!r} (expected {', '.join(KEYS)})")
-    for key in REQUIRED:
-        if key not in node:
-            problem(None, f"missing required key {key!r}")
-
-    def typed(key: str, kind: type | tuple[type, ...], default: Any,
-              check: Callable[[Any], str | None] | None = None) -> Any:
-        if key not in node:
-            return default
-        value = node[key]
-        wrong_bool = isinstance(value, bool) and kind is not bool
-        if not isinstance(value, kind) or wrong_bool:
-            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-            problem(key, f"{key}: expected {names}, got {value!r}")
-            return default
-        message = check(value) if check else None
-        if message:
-            problem(key, f"{key}: {message}")
-            return default
-        return value
-
-    def bare_jid(value: str) -> str | None:
-        try:
-            jid = JID(value)
-        except InvalidJID as exc:
-            return f"not a valid JID ({exc})"
-        if not jid.user or jid.resource:
-            return "expected a bare JID like name@example.org"
-        return None
-
-    def duration(key: str, default: float) -> float:
-        if key not in node:
-            return default
-        try:
-            return parse_duration(node[key])
-        except ValueError as exc:
-            problem(key, f"{key}: {exc}")
-            return default
-
-    name = typed("name", str, None, lambda v: None if v.strip() else "must not be empty")
-    jid = typed("jid", str, None, bare_jid)
-    host = typed("host", str, None, lambda v: None if v.strip() else "must not be empty")
-    port = typed("port", int, None, lambda v: None if 0 < v < 65536 else "expected 1..65535")
-    tls = typed("tls", str, "starttls",
-                lambda v: None if v in TLS_POLICIES else f"expected one of {', '.join(TLS_POLICIES)}")
-    ca_file = typed("ca_file", str, None,
-                    lambda v: None if os.path.isfile(v) else "no such file")
-    nick = typed("nick", str, None, lambda v: None if v.strip() and "/" not in v else "a non-empty nickname")
-    prefix = typed("command_prefix", str, "!",
-                   lambda v: None if v and not any(c.isspace() for c in v) else "a non-blank word")
-    rate = typed("rate", (int, float), 5.0, lambda v: None if v > 0 else "must be > 0")
-    burst = typed("burst", int, 10, lambda v: None if v >= 1 else "at least 1")
-    max_line = typed("max_line_chars", int, 3000, lambda v: None if v >= 100 else "at least 100")
-    rmin = duration("reconnect_min", 1.0)
-    rmax = duration("reconnect_max", 300.0)
-    if rmin <= 0 or rmax < rmin:
-        problem("reconnect_max", "need 0 < reconnect_min <= reconnect_max")
-    keepalive = duration("keepalive", 60.0)
-    if "keepalive" in node and keepalive < MIN_KEEPALIVE:
-        problem("keepalive", f"keepalive: expected at least 1s (how often an idle connection is pinged: "
-                             f"without pings a dead connection is never noticed), got {node['keepalive']!r}")
-        keepalive = 60.0
-    if tls == "plaintext":
-        # The password would cross the network unencrypted: only a test server on this machine.
-        server = host if "host" in node else (jid.split("@", 1)[1] if jid else None)
-        if server is not None and not is_loopback(server):
-            where = repr(server) if "host" in node else f"{server!r} (the jid's domain; set host)"
-            problem("tls", f"tls: plaintext is only allowed to a loopback host (localhost, 127.0.0.1, ::1), "
-                           f"not {where}: the password would cross the network unencrypted")
-
-    rooms: list[str] = []
-    if "rooms" in node:
-        raw = node["rooms"]
-        if not isinstance(raw, list) or not all(isinstance(r, str) for r in raw):
-            problem("rooms", "rooms: expected a list of room JIDs")
-        else:
-            for room in raw:
-                message = bare_jid(room)
-                if message:
-                    problem("rooms", f"room {room!r}: {message}")
-                else:
-                    rooms.append(room)
-
-    password = None
-    env = typed("password_env", str, None, lambda v: None if v.strip() else "must name a variable")
-    if env is not None:
-        password = os.environ.get(env)
-        if not password:
-            problem("password_env", f"environment variable {env} (password_env) is not set or empty")
-
-    if problems or name is None or jid is None or password is None:
-        return None, problems
-    return XmppConfig(name=name, jid=jid, password=password, host=host, port=port, tls=tls,
-                      ca_file=ca_file, rooms=tuple(rooms), nick=nick, command_prefix=prefix,
-                      rate=float(rate), burst=burst, reconnect_min=rmin, reconnect_max=rmax,
-                      keepalive=keepalive, max_line_chars=max_line), []
-
-
-def is_loopback(host: str) -> bool:
-    """``localhost`` or a loopback address; names are not resolved (a name
-    that merely resolves to 127.0.0.1 today does not count)."""
-    name = host.strip().rstrip(".").lower()
-    if name.startswith("[") and name.endswith("]"):
-        name = name[1:-1]
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 def split_text(text: str, limit: int) -> list[str]:
@@ -338,8 +165,11 @@ class XmppTransport:
         cannot be met (retrying is pointless)."""
         if self._client is not None:
             raise TransportError(f"xmpp {self.network}: already started")
+        password = self.config.password
+        if password is None:
+            raise TransportError(f"xmpp {self.network}: no password (the variable password_env names is not set)")
         self._on_message = on_message
-        self._client = self._make_client()
+        self._client = self._make_client(password)
         loop = asyncio.get_running_loop()
         self._first = loop.create_future()
         self._spawn(self._pump(), "pump")
@@ -420,7 +250,7 @@ class XmppTransport:
 
     # --- connection management ---------------------------------------------
 
-    def _make_client(self) -> Any:
+    def _make_client(self, password: str) -> Any:
         import slixmpp
 
         cfg = self.config
@@ -429,7 +259,7 @@ class XmppTransport:
         # required, a server without TLS never sees the password.
         mechanisms = {"unencrypted_scram": plaintext, "unencrypted_plain": plaintext}
         resource = f"releasebot-{uuid.uuid4().hex[:6]}"
-        client = slixmpp.ClientXMPP(f"{cfg.jid}/{resource}", cfg.password,
+        client = slixmpp.ClientXMPP(f"{cfg.jid}/{resource}", password,
                                     plugin_config={"feature_mechanisms": mechanisms})
         client.enable_direct_tls = cfg.tls == "direct"
         client.enable_starttls = cfg.tls == "starttls"
@@ -468,7 +298,7 @@ class XmppTransport:
 
     def _backoff(self, failures: int) -> float:
         cfg = self.config
-        base = min(cfg.reconnect_max, cfg.reconnect_min * 2 ** min(failures, 30))
+        base: float = min(cfg.reconnect_max, cfg.reconnect_min * 2 ** min(failures, 30))
         return base / 2 + base / 2 * self._rng()      # "equal jitter": never 0, never in lockstep
 
     def _settle_first(self, outcome: str | BaseException) -> None:
@@ -1036,7 +866,7 @@ class XmppTransport:
                     msg["error"]["condition"])
 
     def _spawn(self, coro: Any, what: str) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coro)
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
         self._tasks.add(task)
 
         def done(t: asyncio.Task[Any]) -> None:
@@ -1045,12 +875,3 @@ class XmppTransport:
                 log.error("xmpp %s: %s task failed", self.network, what, exc_info=t.exception())
         task.add_done_callback(done)
         return task
-
-
-def parse_config(section: "Section") -> XmppConfig | None:
-    cfg, problems = _parse_entry(section.node, section.file)
-    section.findings.problems += problems
-    return cfg
-
-
-Transport = XmppTransport
