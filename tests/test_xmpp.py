@@ -276,15 +276,16 @@ async def test_a_command_held_during_a_room_review_is_dropped_if_its_nick_change
     bot = await start_bot(rooms=(room,))
     await mallory.join(room, nick="carol")
     gate = asyncio.Event()
-    resync = bot.transport._resync_room
+    rooms = bot.transport._rooms
+    reread = rooms.reread
 
-    async def slow_resync(r: str) -> None:           # the re-read takes a while: the test says when
+    async def slow_reread(r: str, nick: str) -> bool:     # the re-read takes a while: the test says when
         await gate.wait()
-        await resync(r)
-    bot.transport._resync_room = slow_resync  # type: ignore[method-assign]
+        return await reread(r, nick)
+    rooms.reread = slow_reread  # type: ignore[method-assign]
 
     await alice.configure_room(room, whois="anyone")  # 172: commands are held until the room is re-read
-    await wait_until(lambda: room in bot.transport._reviews)
+    await wait_until(lambda: bot.transport.trust.reviewing(room))
     mallory.say(room, "!ps")                          # held; the room relays it before mallory's leaving
     await mallory.leave(room)
     await alice.leave(room)

@@ -7,11 +7,12 @@ from typing import ClassVar
 
 from bot.configkit import Section
 from bot.network import is_loopback
+from bot.outqueue import DEFAULT_MAX_PER_TARGET
 
 TLS_POLICIES = ("starttls", "direct", "plaintext")
 KEYS = ("name", "jid", "password_env", "host", "port", "tls", "ca_file", "rooms", "nick",
         "command_prefix", "rate", "burst", "reconnect_min", "reconnect_max", "keepalive",
-        "max_line_chars")
+        "max_line_chars", "max_queued_lines")
 MIN_KEEPALIVE = 1.0                    # seconds; below this pings would flood, and 0 would never ping
 
 
@@ -30,12 +31,15 @@ class XmppConfig:
     rooms: tuple[str, ...] = ()        # room JIDs to join (and create if missing)
     nick: str | None = None            # default: the JID's local part
     command_prefix: str = "!"
-    rate: float = 5.0                  # outbound lines per second ...
+    rate: float = 5.0                  # outbound messages per second ...
     burst: int = 10                    # ... after a burst of this many
     reconnect_min: float = 1.0         # backoff after a lost connection: min doubling to max,
     reconnect_max: float = 300.0       # with jitter
     keepalive: float = 60.0            # ping the server this often when idle (config: at least 1s)
     max_line_chars: int = 3000         # longer lines are split (at a space if possible)
+    # Lines of text (after splitting at max_line_chars) one target may have queued;
+    # an answer that does not fit ends in a note saying how many lines were left out.
+    max_queued_lines: int = DEFAULT_MAX_PER_TARGET
     connect_timeout: float = 30.0      # start() waits this long for the first session
     join_timeout: float = 10.0
 
@@ -86,6 +90,9 @@ def parse_config(section: Section) -> XmppConfig | None:
     rate = s.get("rate", (int, float), 5.0, lambda v: None if v > 0 else "must be > 0")
     burst = s.get("burst", int, 10, lambda v: None if v >= 1 else "at least 1")
     max_line = s.get("max_line_chars", int, 3000, lambda v: None if v >= 100 else "at least 100")
+    # 2: room for a line and the note saying what was left out
+    max_queued = s.get("max_queued_lines", int, DEFAULT_MAX_PER_TARGET,
+                       lambda v: None if v >= 2 else "at least 2")
     rmin = s.duration("reconnect_min", 1.0)
     rmax = s.duration("reconnect_max", 300.0)
     if rmax < rmin:
@@ -119,4 +126,4 @@ def parse_config(section: Section) -> XmppConfig | None:
     return XmppConfig(name=name, jid=jid, password=password, host=host, port=port, tls=tls,
                       ca_file=ca_file, rooms=tuple(rooms), nick=nick, command_prefix=prefix,
                       rate=float(rate), burst=burst, reconnect_min=rmin, reconnect_max=rmax,
-                      keepalive=keepalive, max_line_chars=max_line)
+                      keepalive=keepalive, max_line_chars=max_line, max_queued_lines=max_queued)
