@@ -1,11 +1,13 @@
 """The XMPP front-end against a real Prosody on 127.0.0.1, with a real
 slixmpp client playing the human, wired exactly as the bot wires it:
 Router(Dispatcher(engine, directory, registry)).serve(XmppTransport(cfg)).
-The parts that need no server are in test_xmpp_units.py."""
+The parts that need no server are in test_xmpp_units.py and
+test_xmpp_roomtrust.py."""
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import shutil
 import tempfile
 import time
@@ -32,6 +34,7 @@ name: waits
 steps:
   - participant: hold
 """
+HINT = "say 'help' for the list of commands"
 
 
 class Bot:
@@ -338,7 +341,42 @@ async def test_the_bot_never_answers_its_own_reflected_room_messages(
     assert bot.dispatched == []
 
 
-# --- outbound: splitting and pacing ------------------------------------------------
+@pytest.mark.servers
+async def test_a_bare_prefix_or_address_is_answered_with_a_hint(
+        prosody: Prosody, start_bot, xmpp_human) -> None:  # type: ignore[no-untyped-def]
+    ops = prosody.room("ops")
+    await start_bot(rooms=(ops,))
+    alice: Human = await xmpp_human("alice")
+    await alice.join(ops)
+    assert await alice.ask(prosody.jid("bot"), "!") == HINT
+    alice.say(ops, "!")
+    assert (await alice.expect(from_room(ops))).body == f"alice: {HINT}"
+    alice.say(ops, "releasebot:")
+    assert (await alice.expect(from_room(ops))).body == f"alice: {HINT}"
+
+
+@pytest.mark.servers
+async def test_the_bot_kicked_from_a_room_drops_what_it_had_queued_for_it(
+        prosody: Prosody, start_bot, xmpp_human, caplog) -> None:  # type: ignore[no-untyped-def]
+    caplog.set_level(logging.INFO, logger="bot.transports.xmpp")
+    room = prosody.room("strict")
+    alice: Human = await xmpp_human("alice")
+    await alice.join(room)                           # alice owns the room
+    bot = await start_bot(rooms=(room,), rate=2.0, burst=1)
+    await wait_until(lambda: bot.transport.undelivered == 0)
+    for i in range(5):                               # one goes now, the others wait for tokens
+        await bot.transport.send(Room("xmpp", NET, room), f"line {i}")
+    await bot.transport.send(Identity("xmpp", NET, prosody.jid("alice")), "to alice directly")
+    await alice.kick(room, NICK)
+    await wait_until(lambda: f"I am no longer in {room}; dropped" in caplog.text)
+    assert re.search(rf"I am no longer in {room}; dropped [2-4] queued message", caplog.text)
+    assert [line.to for _, line in bot.transport._delivery.queue] in ([prosody.jid("alice")], [])
+    got = await alice.expect(lambda m: m.type == "chat")      # her own line still arrives
+    assert got.body == "to alice directly"
+    assert [m.body for m in alice.received if m.sender == f"{room}/{NICK}"] in ([], ["line 0"])
+
+
+# --- outbound: splitting, pacing and fairness -----------------------------------------
 
 @pytest.mark.servers
 async def test_long_text_is_split_on_line_boundaries_and_paced(
@@ -358,6 +396,22 @@ async def test_long_text_is_split_on_line_boundaries_and_paced(
     assert " ".join(bodies[5:]) == long_line and all(len(b) <= 200 for b in bodies)
     assert elapsed >= (9 - 2) / 20 * 0.9                        # burst 2, then 20 messages/s
     assert await alice.quiet(0.2) == []
+
+
+@pytest.mark.servers
+async def test_a_long_answer_to_one_person_does_not_hold_up_a_short_one_to_another(
+        prosody: Prosody, start_bot, xmpp_human) -> None:  # type: ignore[no-untyped-def]
+    bot = await start_bot(rate=40.0, burst=1, max_line_chars=100)
+    alice: Human = await xmpp_human("alice")
+    bob: Human = await xmpp_human("bob")
+    long_answer = "\n".join(f"line {i:02d} " + "x" * 80 for i in range(20))   # 20 messages: 0.5s paced
+    await bot.transport.send(Identity("xmpp", NET, prosody.jid("alice")), long_answer)
+    t0 = time.monotonic()
+    await bot.transport.send(Identity("xmpp", NET, prosody.jid("bob")), "one line")
+    assert (await bob.expect(lambda m: m.type == "chat")).body == "one line"
+    assert time.monotonic() - t0 < 0.2                          # two pacing slots, not twenty
+    got = [(await alice.expect(lambda m: m.type == "chat")).body for _ in range(20)]
+    assert got == long_answer.split("\n")
 
 
 # --- reconnection ---------------------------------------------------------------

@@ -239,6 +239,10 @@ class Human:
             form.add_field(var=f"muc#roomconfig_{name}", value=value)
         await self.client.plugin["xep_0045"].set_room_config(room, form, timeout=5)
 
+    async def kick(self, room: str, nick: str) -> None:
+        """As a moderator, kick ``nick`` out of ``room`` (role none, status 307)."""
+        await self.client.plugin["xep_0045"].set_role(room, nick, "none", timeout=5)
+
     def dm(self, to: str, text: str) -> None:
         self.client.send_message(mto=to, mbody=text, mtype="chat")
 
