@@ -135,6 +135,16 @@ def test_the_bot_leaving_forgets_the_room_and_a_nick_change_follows_the_occupant
     assert account(trust, "alice") is None
 
 
+def test_only_our_own_nick_can_say_the_bot_left_and_a_shutdown_is_no_departure() -> None:
+    trust, _reader, _ = make()
+    join(trust, {"alice": ALICE, "mallory": None}, non_anonymous=True)
+    trust.presence(ROOM, "mallory", available=False, codes={110, 307})   # not our nick: mallory left
+    trust.presence(ROOM, "mallory", available=True, codes={110})          # and cannot become us
+    assert trust.our_nick(ROOM) == BOT and account(trust, "alice") == ALICE
+    assert trust.presence(ROOM, BOT, available=False, codes={110, 332}) is None   # rejoined next session
+    assert trust.our_nick(ROOM) is None and account(trust, "alice") is None
+
+
 def test_private_output_goes_to_the_real_jid_never_to_a_room_nick_that_has_one() -> None:
     trust, _reader, _ = make()
     join(trust, {"alice": ALICE, "bob": None}, non_anonymous=True)

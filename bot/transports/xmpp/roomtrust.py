@@ -39,6 +39,7 @@ PROTOCOL = "xmpp"
 NON_ANONYMOUS_ON_ENTRY = 100      # in the join's self-presence: any occupant may see your real JID
 SELF = 110                        # this presence is about the bot itself
 NICK_CHANGED = 303                # an unavailable presence that is a nick change, not a leave
+SERVICE_SHUTDOWN = 332            # the room service is going down: the next session rejoins
 ROOM_CREATED = 201
 NOW_NON_ANONYMOUS, NOW_SEMI_ANONYMOUS, NOW_FULLY_ANONYMOUS, CONFIG_CHANGED = 172, 173, 174, 104
 ROOM_CONFIG_CODES = frozenset({NOW_NON_ANONYMOUS, NOW_SEMI_ANONYMOUS, NOW_FULLY_ANONYMOUS, CONFIG_CHANGED})
@@ -144,7 +145,8 @@ class RoomTrust:
         if state is None or not state.tracking or not nick:
             return None
         departure: Departure | None = None
-        if SELF in codes:
+        # Ours: once joined, only for our nick (nobody else's presence can make us leave or rename us).
+        if SELF in codes and (state.nick is None or nick == state.nick):
             departure = self._own_presence(room, state, nick, available, codes, new_nick)
         elif not available:
             state.occupants.pop(nick, None)
@@ -169,7 +171,8 @@ class RoomTrust:
             state.nick = new_nick
             return None
         state.tracking, state.nick, state.occupants = False, None, {}
-        return Departure(room, None)
+        # A shutdown is no departure: what was queued for the room goes out after the rejoin.
+        return None if SERVICE_SHUTDOWN in codes else Departure(room, None)
 
     def config_changed(self, room: str, codes: Collection[int]) -> None:
         """The owner changed the room's configuration (status codes from a room
