@@ -33,7 +33,7 @@ import collections
 import logging
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from bot.logsafety import sanitise
 from bot.outqueue import FairQueue, overflow_note
@@ -48,7 +48,7 @@ SENT_IDS_REMEMBERED = 500      # our own room messages, to recognise them reflec
 
 
 @dataclass
-class Line:
+class OutMessage:
     """One outbound chat message (one or more lines of text), with the stanza
     currently carrying it."""
 
@@ -74,11 +74,11 @@ class Delivery:
         self.client: Any = None
         # Lines, not messages, are capped; a message holds at least one line, so the
         # queue's own per-target cap (in messages) never cuts before ours does.
-        self.queue: FairQueue[Key, Line] = FairQueue(config.max_queued_lines)
-        self.inflight: dict[str, Line] = {}       # handed to slixmpp, not yet delivered
+        self.queue: FairQueue[Key, OutMessage] = FairQueue(config.max_queued_lines)
+        self.inflight: dict[str, OutMessage] = {}   # handed to slixmpp, not yet delivered
         self._bucket = TokenBucket(config.rate, config.burst)
         self._wakeup = asyncio.Event()
-        self._requeued: set[str] = set()         # ids of lines queued again after a dead session
+        self._requeued: set[str] = set()         # ids of messages queued again after a dead session
         self._sent_ids: collections.deque[str] = collections.deque(maxlen=SENT_IDS_REMEMBERED)
         self._sent_set: set[str] = set()
         self._ack_timer: asyncio.Handle | None = None
@@ -99,37 +99,44 @@ class Delivery:
         ``max_line_chars`` allows, within the target's cap."""
         key = (to, mtype)
         lines = split_lines(text, self.max_line_chars)
-        room = self.queue.max_per_target - sum(line.lines for k, line in self.queue if k == key)
+        room = self.queue.max_per_target - sum(queued.lines for k, queued in self.queue if k == key)
         if len(lines) > room:
             keep = max(room - 1, 0)
             left_out = len(lines) - keep
             lines = [*lines[:keep], overflow_note(left_out)] if room >= 1 else []
             log.warning("xmpp %s: %d line(s) to %s left out: more than max_queued_lines (%d) queued for it",
                         self.network, left_out, sanitise(to), self.queue.max_per_target)
-        messages = [Line(to, mtype, body, body.count("\n") + 1) for body in pack(lines, self.max_line_chars)]
-        self.queue.put(key, messages, lambda n: Line(to, mtype, overflow_note(n), 1))
+        messages = [OutMessage(to, mtype, body, body.count("\n") + 1) for body in pack(lines, self.max_line_chars)]
+        self.queue.put(key, messages, lambda n: OutMessage(to, mtype, overflow_note(n), 1))
         self._wakeup.set()
 
     def drop_room(self, room: str) -> int:
         """Forget what is queued for ``room`` and its occupants (``room/nick``)."""
-        return self.queue.drop_where(lambda key: key[0] == room or key[0].startswith(room + "/"))
+        return self._drop(lambda key: key[0] == room or key[0].startswith(room + "/"))
 
     def drop_occupant(self, room: str, nick: str) -> int:
-        return self.queue.drop((f"{room}/{nick}", "chat"))
+        occupant = (f"{room}/{nick}", "chat")
+        return self._drop(lambda key: key == occupant)
 
     def rename_occupant(self, room: str, old: str, new: str) -> None:
         """An occupant changed nick: output queued for them follows them."""
         old_key, new_key = (f"{room}/{old}", "chat"), (f"{room}/{new}", "chat")
-        for key, line in self.queue:
+        for key, message in self.queue:
             if key == old_key:
-                line.to = new_key[0]
+                message.to = new_key[0]
         self.queue.rename(old_key, new_key)
 
     def keep_occupants(self, room: str, present: set[str]) -> int:
         """After a rejoin: forget output for occupants who left while we were away."""
         prefix = room + "/"
-        return self.queue.drop_where(lambda key: key[1] == "chat" and key[0].startswith(prefix)
-                                     and key[0][len(prefix):] not in present)
+        return self._drop(lambda key: key[1] == "chat" and key[0].startswith(prefix)
+                          and key[0][len(prefix):] not in present)
+
+    def _drop(self, condition: Callable[[Key], bool]) -> int:
+        for key, message in self.queue:
+            if condition(key):
+                self._requeued.discard(message.id)
+        return self.queue.drop_where(condition)
 
     # --- sending ------------------------------------------------------------------------
 
@@ -143,36 +150,36 @@ class Delivery:
             if delay > 0:
                 await asyncio.sleep(delay)
                 continue
-            _key, line = self.queue.pop()
-            self._requeued.discard(line.id)
+            _key, message = self.queue.pop()
+            self._requeued.discard(message.id)
             self._bucket.take()
             try:
-                msg = self.client.make_message(mto=line.to, mbody=line.body, mtype=line.mtype)
-            except Exception:   # e.g. an invalid JID in a target: drop that line, not the pump
-                log.exception("xmpp %s: cannot send to %s", self.network, sanitise(line.to))
+                msg = self.client.make_message(mto=message.to, mbody=message.body, mtype=message.mtype)
+            except Exception:   # e.g. an invalid JID in a target: drop that message, not the pump
+                log.exception("xmpp %s: cannot send to %s", self.network, sanitise(message.to))
                 continue
-            msg["id"] = line.id
-            line.stanza = msg
-            self.inflight[line.id] = line
-            if line.mtype == "groupchat":
-                self._remember_sent(line.id)
+            msg["id"] = message.id
+            message.stanza = msg
+            self.inflight[message.id] = message
+            if message.mtype == "groupchat":
+                self._remember_sent(message.id)
             self.client.send(msg)
-            log.debug("xmpp %s: -> %s: %s", self.network, line.to, sanitise(line.body))
+            log.debug("xmpp %s: -> %s: %s", self.network, message.to, sanitise(message.body))
 
     def outgoing(self, stanza: Any) -> Any:
         """slixmpp's ``out_sync`` filter: runs just before a stanza is written
         (after xep_0198 counted it)."""
-        line = self.inflight.get(stanza["id"]) if stanza.name == "message" else None
-        if line is None:
+        message = self.inflight.get(stanza["id"]) if stanza.name == "message" else None
+        if message is None:
             if stanza.name == "message" and stanza["id"] in self._requeued:
-                return None     # a copy from a dead session: the line is queued again
+                return None     # a copy from a dead session: the message is queued again
             return stanza
-        if line.stanza is not stanza:
+        if message.stanza is not stanza:
             return None
         if self.client.transport is None:
-            return None         # the session died: the line stays in flight and is requeued
+            return None         # the session died: the message stays in flight and is requeued
         if not self.client.plugin["xep_0198"].enabled_out:
-            del self.inflight[line.id]       # no acks on this stream: written counts as delivered
+            del self.inflight[message.id]       # no acks on this stream: written counts as delivered
         elif self._ack_timer is None:
             # Ask the server to acknowledge what we wrote, once per batch: the call
             # runs after this pass of slixmpp's send loop has written it.
@@ -187,9 +194,9 @@ class Delivery:
 
     def acked(self, stanza: Any) -> None:
         """slixmpp's ``stanza_acked``: the server has this one."""
-        line = self.inflight.get(stanza["id"])
-        if line is not None and line.stanza is stanza:
-            del self.inflight[line.id]
+        message = self.inflight.get(stanza["id"])
+        if message is not None and message.stanza is stanza:
+            del self.inflight[message.id]
         if self._ack_answer is None:
             self._ack_answer = asyncio.get_running_loop().call_soon(self._answer_ack)
 
@@ -210,22 +217,22 @@ class Delivery:
         in the plugin's unacked queue) are queued again, at the head; slixmpp
         resends the others."""
         unacked = {id(s) for _, s in self.client.plugin["xep_0198"].unacked_queue}
-        self._requeue([line for line in self.inflight.values() if id(line.stanza) not in unacked])
+        self._requeue([message for message in self.inflight.values() if id(message.stanza) not in unacked])
 
     def session_ended(self) -> None:
         """A new session is needed: nothing unacknowledged will be resent by
         the library, so it goes back to the head of our queue, in order."""
         self._requeue(list(self.inflight.values()))
 
-    def _requeue(self, lines: list[Line]) -> None:
-        if not lines:
+    def _requeue(self, messages: list[OutMessage]) -> None:
+        if not messages:
             return
-        for line in lines:
-            self.inflight.pop(line.id, None)
-            self._requeued.add(line.id)
-            line.stanza = None
-        self.queue.requeue([(line.key, line) for line in lines])
-        log.info("xmpp %s: %d unacknowledged line(s) queued again", self.network, len(lines))
+        for message in messages:
+            self.inflight.pop(message.id, None)
+            self._requeued.add(message.id)
+            message.stanza = None
+        self.queue.requeue([(message.key, message) for message in messages])
+        log.info("xmpp %s: %d unacknowledged message(s) queued again", self.network, len(messages))
         self._wakeup.set()
 
     def is_own(self, msg_id: str) -> bool:
