@@ -27,13 +27,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from tests.serverkit import free_port, require_binary, stop, wait_port
 from tests.serverkit.tls import ServerCert
 
-__all__ = ["Human", "InspircdAnope", "IrcLine", "Ngircd", "RawClient", "parse_line", "start_inspircd_anope",
-           "start_ngircd"]
+__all__ = ["Human", "InspircdAnope", "IrcLine", "Ngircd", "NoLateSaslProxy", "RawClient", "TcpProxy", "parse_line",
+           "start_inspircd_anope", "start_ngircd"]
 
 NGIRCD_CONF = """\
 [Global]
@@ -565,3 +565,107 @@ def start_inspircd_anope(prefix: str = "irc-insp-", *, services: bool = True,
         pair.cleanup()
         raise
     return pair
+
+
+# -- proxies between the bot and a server ------------------------------------------------------
+
+class TcpProxy:
+    """Between the bot and ngircd: can refuse new connections (to order a
+    reconnect after the human rejoined) and black-hole live ones (a network
+    that silently stops delivering, in both directions)."""
+
+    def __init__(self, upstream: int) -> None:
+        self.upstream = upstream
+        self.accepting = True
+        self.links: list[dict[str, Any]] = []
+
+    async def start(self) -> "TcpProxy":
+        self.server = await asyncio.start_server(self._link, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.accepting:
+            writer.close()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream)
+        except OSError:
+            writer.close()
+            return
+        link: dict[str, Any] = {"frozen": False, "writers": (writer, up_writer)}
+        self.links.append(link)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    if not link["frozen"]:
+                        dst.write(data)
+                        await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def freeze(self) -> None:
+        for link in self.links:
+            link["frozen"] = True
+
+    async def close(self) -> None:
+        self.server.close()
+        for link in self.links:
+            for w in link["writers"]:
+                w.close()
+
+
+class NoLateSaslProxy:
+    """Between the bot and InspIRCd, plays a server that takes no SASL after
+    registration (IRCv3 leaves that to the server): once the client was
+    welcomed, its ``CAP REQ :sasl`` is answered ``NAK`` and not passed on.
+    Everything else passes, both ways."""
+
+    def __init__(self, upstream: int) -> None:
+        self.upstream = upstream
+        self.refused = 0
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> "NoLateSaslProxy":
+        self.server = await asyncio.start_server(self._link, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream)
+        self.writers += [writer, up_writer]
+        nick: list[str] = []
+
+        async def down() -> None:
+            while raw := await up_reader.readline():
+                line = parse_line(raw.decode("utf-8", "replace").rstrip("\r\n"))
+                if line.command == "001":
+                    nick.append(line.params[0])
+                writer.write(raw)
+
+        async def up() -> None:
+            while raw := await reader.readline():
+                line = parse_line(raw.decode("utf-8", "replace").rstrip("\r\n"))
+                if nick and line.command == "CAP" and line.params[:1] == ["REQ"] and "sasl" in line.text.split():
+                    self.refused += 1
+                    writer.write(f":irc.test.local CAP {nick[0]} NAK :{line.text}\r\n".encode())
+                    continue
+                up_writer.write(raw)
+
+        try:
+            await asyncio.gather(down(), up())
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+            up_writer.close()
+
+    async def close(self) -> None:
+        self.server.close()
+        for writer in self.writers:
+            writer.close()

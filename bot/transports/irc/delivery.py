@@ -1,0 +1,440 @@
+"""Outgoing lines: queued fairly per target, paced, confirmed, sent again
+after a reconnect, and private lines only to the person who asked.
+
+Delivery guarantee: a line leaves its queue when it is written to a
+registered connection, and is forgotten only once the server confirmed that
+it processed it: by echoing it (IRCv3 ``echo-message``), or by answering a
+``PING :marker`` written after it (servers process a client's lines in
+order).  Lines still unconfirmed when a connection dies are sent again,
+first and in order, once reconnected.  So no queued line is lost while the
+bot runs (except as below), and the only possible duplicate is a line the
+server processed just as the connection died, before its confirmation came
+back: with echo-message the lines of about one round trip; without it the
+lines written since the last answered marker, which is about one round trip's
+worth too while a token is spare, and at most MARKER_LINES lines (or
+MARKER_AGE seconds) while lines wait for tokens.
+
+Fairness: lines are queued per target (a channel, a person) in a
+``bot.outqueue.FairQueue`` and taken round-robin, so one user's long answer
+costs anyone else at most one line per turn.  A target with nothing queued
+is served next (its first line goes ahead of the round: a one-line answer
+waits for at most one token), unless lines sent again after a reconnect are
+waiting.  A target may have at most ``max_queued_lines`` queued; the rest of
+an answer becomes one note.  A target that goes away (a person who quits, a
+channel the bot left) is dropped with its lines.
+
+Private lines to someone the server vouched for (a services account, or a
+user@host for hostmask identities) follow the person across NICK changes,
+and before each one leaves, the nick is checked to be still theirs
+(``roster.Roster.verify``; when that needs the server's word, the person's
+lines wait aside, not blocking anyone, until a WHO answers).  Lines whose
+nick changed hands are dropped, logged once.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol
+
+from bot.logsafety import sanitise
+from bot.outqueue import FairQueue, overflow_note
+from bot.transports.irc.roster import CHANGED, CHECK_TIMEOUT, GONE, OK, UNKNOWN
+from bot.transports.irc.text import split_utf8
+
+log = logging.getLogger(__name__)
+
+# Without echo-message a ``PING :marker`` confirms every line written before
+# it.  One marker is outstanding at a time, and the next goes out as soon as
+# the last was answered and lines were written since, so after a crash only
+# the lines of about one round trip are resent twice.  A marker is a command
+# like any other (InspIRCd's fakelag and ngircd's penalty count PING, measured),
+# so it spends a token: while lines wait for tokens it is written after at most
+# MARKER_LINES lines (or MARKER_AGE seconds), not after every line, which would
+# halve the paced rate; when a token is spare it delays nothing and goes at once.
+# 12 lines per marker keeps a backlog at 12/13 (92%) of the configured rate in
+# lines (at the default 1/s, MARKER_AGE comes first: ~10/11); the price is that
+# a crash mid-backlog may repeat up to that many lines the server had relayed.
+MARKER_LINES = 12
+MARKER_AGE = 10.0
+ECHO_GRACE = 3.0                # with echo-message: a line not echoed by then gets a marker PING
+MAX_BATCH = 32                  # lines per socket write at most (then yield to the loop)
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class Dest:
+    """Where lines go: a channel, or a person (by nick, bound to the account or
+    user@host the server vouched for when they asked, if any)."""
+
+    key: str                                   # the name casefolded: what identifies the target
+    name: str = field(compare=False)           # as written on the wire
+    private: bool = False
+    account: str | None = None                 # services account the nick must still be logged in as
+    userhost: str | None = None                # or the user@host it must still have
+
+    @property
+    def bound(self) -> bool:
+        return self.private and (self.account is not None or self.userhost is not None)
+
+    def renamed(self, key: str, name: str) -> "Dest":
+        return Dest(key, name, self.private, self.account, self.userhost)
+
+
+@dataclass(eq=False)
+class OutLine:
+    dest: Dest
+    command: str                 # PRIVMSG | NOTICE
+    text: str
+    seq: int = 0                 # set when written
+    written: float = 0.0
+    again: bool = False          # sent again after a reconnect: goes first
+
+
+class Tokens:
+    """A token bucket that can say how many tokens it holds (the marker policy
+    needs it): ``burst`` tokens, refilled at ``rate`` per second."""
+
+    def __init__(self, rate: float, burst: int, clock: Clock) -> None:
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self._tokens, self._stamp = float(burst), clock()
+
+    def available(self) -> float:
+        now = self.clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        return self._tokens
+
+    def delay(self) -> float:
+        tokens = self.available()
+        return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+
+    def take(self) -> None:
+        self.available()
+        self._tokens -= 1
+
+
+class Lanes:
+    """The queued lines of every target.  ``fresh`` holds the first line of a
+    target that had nothing queued (served before the round), ``main`` the
+    round-robin, ``held`` the lines of people whose nick is being checked."""
+
+    def __init__(self, max_per_target: int) -> None:
+        self.max = max_per_target
+        self.fresh: FairQueue[Dest, OutLine] = FairQueue(2)
+        self.main: FairQueue[Dest, OutLine] = FairQueue(max_per_target - 1)
+        self.held: FairQueue[Dest, OutLine] = FairQueue(max_per_target)
+        self.held_since: dict[Dest, float] = {}
+
+    def __len__(self) -> int:
+        return len(self.fresh) + len(self.main) + len(self.held)
+
+    def ready(self) -> int:
+        """Lines that may be written as soon as tokens allow."""
+        return len(self.fresh) + len(self.main)
+
+    def put(self, dest: Dest, lines: list[OutLine]) -> int:
+        """Queue an answer's lines; returns how many were left out (cap)."""
+        def note(left_out: int) -> OutLine:
+            return OutLine(dest, lines[0].command, overflow_note(left_out))
+        if not lines:
+            return 0
+        if self.held.queued(dest):
+            return self.held.put(dest, lines, note)
+        if not self.fresh.queued(dest) and not self.main.queued(dest):
+            self.fresh.put(dest, lines[:1], note)
+            lines = lines[1:]
+        return self.main.put(dest, lines, note) if lines else 0
+
+    def head(self) -> tuple[Dest, OutLine] | None:
+        main = self.main.head()
+        if main is not None and main[1].again:          # sent again after a reconnect: first
+            return main
+        return self.fresh.head() or main
+
+    def pop(self) -> tuple[Dest, OutLine]:
+        main = self.main.head()
+        if main is not None and main[1].again:
+            return self.main.pop()
+        return self.fresh.pop() if self.fresh else self.main.pop()
+
+    def push_front(self, dest: Dest, line: OutLine) -> None:
+        """The rest of a line that had to be cut when written: next for its target."""
+        self.main.requeue([(dest, line)])
+
+    def requeue(self, lines: list[OutLine]) -> None:
+        for line in lines:
+            line.again = True
+        self.main.requeue([(line.dest, line) for line in lines])
+
+    def _take(self, queue: FairQueue[Dest, OutLine], dest: Dest) -> list[OutLine]:
+        items = [item for target, item in queue if target == dest]
+        queue.drop(dest)
+        return items
+
+    def hold(self, dest: Dest, now: float) -> None:
+        """Set ``dest``'s lines aside until its nick is checked."""
+        items = self._take(self.fresh, dest) + self._take(self.main, dest)
+        self.held.put(dest, items, lambda n: OutLine(dest, items[0].command, overflow_note(n)))
+        self.held_since.setdefault(dest, now)
+
+    def release(self, dest: Dest) -> None:
+        """Checked: back in line, as a target with nothing queued."""
+        self.held_since.pop(dest, None)
+        items = self._take(self.held, dest)
+        for line in items:
+            line.again = False
+        self.put(dest, items)
+
+    def drop(self, dest: Dest) -> int:
+        self.held_since.pop(dest, None)
+        return self.fresh.drop(dest) + self.main.drop(dest) + self.held.drop(dest)
+
+    def targets(self) -> set[Dest]:
+        return {*self.fresh.targets(), *self.main.targets(), *self.held.targets()}
+
+    def rename(self, old: Dest, new: Dest) -> None:
+        for queue in (self.fresh, self.main, self.held):
+            queue.rename(old, new)
+        if old in self.held_since:
+            self.held_since[new] = self.held_since.pop(old)
+        if self.held.queued(new) and (self.fresh.queued(new) or self.main.queued(new)):
+            self.hold(new, self.held_since.get(new, 0.0))      # merged with lines held: all wait
+
+    def __iter__(self) -> Iterator[tuple[Dest, OutLine]]:
+        yield from self.fresh
+        yield from self.main
+        yield from self.held
+
+
+class Delivery:
+    """A network's outgoing lines, across connections."""
+
+    def __init__(self, network: str, max_queued: int, clock: Clock) -> None:
+        self.network = network
+        self.clock = clock
+        self.lanes = Lanes(max_queued)
+        self.unconfirmed: deque[OutLine] = deque()
+        self.seq = 0
+
+    def pending(self) -> int:
+        return len(self.lanes) + len(self.unconfirmed)
+
+    def put(self, dest: Dest, command: str, texts: list[str]) -> None:
+        left_out = self.lanes.put(dest, [OutLine(dest, command, text) for text in texts])
+        if left_out:
+            log.info("%s: %d line(s) for %s left out: at most %d may wait per target", self.network,
+                     left_out, sanitise(dest.name, 60), self.lanes.max)
+
+    def requeue(self) -> None:
+        """After a connection ended: unconfirmed lines go out again first (see the
+        module docstring), and lines held for a check wait for the next connection's."""
+        for dest in list(self.lanes.held_since):
+            self.lanes.release(dest)
+        if self.unconfirmed:
+            log.info("%s: %d unconfirmed line(s) will be sent again", self.network, len(self.unconfirmed))
+            self.lanes.requeue(list(self.unconfirmed))
+            self.unconfirmed.clear()
+
+    def confirm(self, seq: int) -> None:
+        while self.unconfirmed and self.unconfirmed[0].seq <= seq:
+            self.unconfirmed.popleft()
+
+    def echoed(self, command: str, target: str, text: str, fold: Callable[[str], str]) -> None:
+        """Our own line came back: it, and every line written before it, was processed."""
+        for line in self.unconfirmed:
+            if line.command == command and line.text == text and fold(line.dest.name) == fold(target):
+                self.confirm(line.seq)
+                return
+
+    # -- targets coming and going ---------------------------------------------------------
+
+    def drop(self, dest: Dest, why: str) -> None:
+        dropped = self.lanes.drop(dest)
+        if dropped:
+            log.warning("%s: dropped %d line(s) queued for %s: %s", self.network, dropped,
+                        sanitise(dest.name, 60), why)
+
+    def person_renamed(self, old_key: str, new_key: str, new_name: str) -> None:
+        """A nick change seen: lines queued for that person follow the nick."""
+        for dest in self.lanes.targets():
+            if dest.private and dest.key == old_key:
+                new = dest.renamed(new_key, new_name)
+                self.lanes.rename(dest, new)
+                for line in self.unconfirmed:      # sent again after a reconnect: to the new nick
+                    if line.dest == dest:
+                        line.dest = new
+
+    def person_gone(self, key: str, why: str) -> None:
+        for dest in self.lanes.targets():
+            if dest.private and dest.key == key:
+                self.drop(dest, why)
+
+    def channel_left(self, channel_key: str, why: str) -> None:
+        """The bot is no longer in a channel: its lines (and those to its ops,
+        ``@#ops``) have nowhere to go."""
+        for dest in self.lanes.targets():
+            if not dest.private and (dest.key == channel_key or dest.key[1:] == channel_key):
+                self.drop(dest, why)
+
+    def checked(self, key: str) -> None:
+        """The server answered about a nick: its held lines may be checked again."""
+        for dest in list(self.lanes.held_since):
+            if dest.key == key:
+                self.lanes.release(dest)
+
+    def release_stale(self, now: float) -> None:
+        """Held lines whose check got no answer: back in line, to ask again."""
+        for dest, since in list(self.lanes.held_since.items()):
+            if now - since >= CHECK_TIMEOUT:
+                self.lanes.release(dest)
+
+
+class Link(Protocol):
+    """What the writer needs of its connection (``session.Session``; a fake in tests)."""
+
+    number: int
+    control: deque[str]
+    quitting: str | None
+    marker: tuple[str, int] | None
+    marker_count: int
+
+    @property
+    def alive(self) -> bool: ...
+
+    @property
+    def echo(self) -> bool:
+        """The server echoes our messages (IRCv3 echo-message)."""
+
+    def write_lines(self, lines: list[str]) -> None: ...
+
+    def budget(self, command: str, target: str) -> int: ...
+
+    def verify(self, dest: Dest, any_age: bool) -> str:
+        """``roster.Roster.verify`` for the person ``dest`` is bound to."""
+
+    def ask(self, nick: str) -> str | None:
+        """The WHO line that asks the server who holds ``nick`` (None: already asked)."""
+
+    def leave(self) -> None:
+        """Every line is confirmed and the connection was asked to quit: QUIT now."""
+
+
+@dataclass(frozen=True)
+class Pause:
+    """What the writer waits for: ``seconds`` (None: until woken), or woken early."""
+
+    seconds: float | None
+    wake: bool = False
+    stop: bool = False
+
+
+class Writer:
+    """The one writer of a connection: control lines first, then a
+    confirmation marker when one is due, then messages; every line spends a
+    token.  Lines that may go at once are written together, before the writer
+    next waits.  ``step`` decides without waiting (tests drive it with a fake
+    clock); ``session.Session.pump`` does the waiting."""
+
+    def __init__(self, delivery: Delivery, link: Link, rate: float, burst: int, clock: Clock) -> None:
+        self.delivery = delivery
+        self.link = link
+        self.clock = clock
+        self.tokens = Tokens(rate, burst, clock)
+        self.batch: list[str] = []
+        self.vouched: set[Dest] = set()      # released after a check: its next line goes on that answer
+
+    def flush(self) -> None:
+        if self.batch:
+            self.link.write_lines(self.batch)
+            self.batch.clear()
+
+    def step(self) -> Pause:
+        """Write (into the batch) what may go now; flush and say how to wait."""
+        link, delivery, lanes = self.link, self.delivery, self.delivery.lanes
+        while link.alive:
+            unconfirmed = delivery.unconfirmed
+            quitting = link.quitting is not None
+            if quitting and not link.control and not unconfirmed:
+                self.flush()                    # all confirmed: nothing can be lost or doubled by leaving
+                link.leave()
+                return Pause(None, stop=True)
+            sending = lanes.ready() > 0 and not quitting
+            want_marker = self.marker_due(sending)
+            if not (link.control or sending or want_marker):
+                self.flush()
+                return Pause(ECHO_GRACE / 3 if unconfirmed else None, wake=True)
+            delay = self.tokens.delay()
+            if delay > 0 or len(self.batch) >= MAX_BATCH:
+                self.flush()
+                return Pause(delay)
+            if link.control:
+                self.batch.append(link.control.popleft())
+            elif want_marker:
+                link.marker_count += 1
+                token = f"rb{link.number}.{link.marker_count}"
+                link.marker = (token, unconfirmed[-1].seq)
+                self.batch.append(f"PING :{token}")
+            else:
+                head = lanes.head()
+                assert head is not None
+                if not self._may_write(head[0]):
+                    continue                    # set aside or dropped: no token spent
+                self._write(*lanes.pop())
+            self.tokens.take()
+        self.flush()
+        return Pause(None, stop=True)
+
+    def _may_write(self, dest: Dest) -> bool:
+        """Whether ``dest``'s next line may go now (see the module docstring)."""
+        if not dest.bound:
+            return True
+        verdict = self.link.verify(dest, dest in self.vouched)
+        if verdict == OK:
+            return True
+        lanes = self.delivery.lanes
+        if verdict == UNKNOWN:
+            lanes.hold(dest, self.clock())
+            question = self.link.ask(dest.name)
+            if question is not None:
+                self.link.control.append(question)
+            return False
+        why = {CHANGED: "the nick is someone else's now", GONE: "the nick is gone"}.get(
+            verdict, "this server cannot tell who holds the nick now")
+        self.delivery.drop(dest, why)
+        return False
+
+    def _write(self, dest: Dest, line: OutLine) -> None:
+        self.vouched.discard(dest)
+        head, rest = split_utf8(line.text, self.link.budget(line.command, dest.name))
+        if rest:                                # our own prefix grew since it was cut (a longer nick)
+            self.delivery.lanes.push_front(dest, OutLine(dest, line.command, rest, again=line.again))
+        self.delivery.seq += 1
+        sent = OutLine(dest, line.command, head, self.delivery.seq, self.clock())
+        self.batch.append(f"{line.command} {dest.name} :{head}")
+        self.delivery.unconfirmed.append(sent)
+
+    def checked(self, key: str) -> None:
+        """The server answered about a nick: its next line goes on that answer
+        (however long pacing holds it), later ones on fresh news."""
+        for dest in list(self.delivery.lanes.held_since):
+            if dest.key == key:
+                self.vouched.add(dest)
+        self.delivery.checked(key)
+
+    def marker_due(self, sending: bool) -> bool:
+        """Whether to write a confirmation marker now (see MARKER_LINES)."""
+        unconfirmed = self.delivery.unconfirmed
+        if not unconfirmed or self.link.marker is not None:   # nothing to confirm, or one already on its way
+            return False
+        if self.link.quitting is not None:
+            return True
+        age = self.clock() - unconfirmed[0].written
+        if self.link.echo:                                     # echoes confirm; a marker only for lines never echoed
+            return age >= ECHO_GRACE
+        spare = self.tokens.available() - self.delivery.lanes.ready()   # tokens beyond what queued lines need
+        return (not sending                                    # nothing else to write
+                or spare >= 1                                  # a spare token: the marker delays no line
+                or (len(unconfirmed) >= MARKER_LINES and spare < 0)   # pacing holds lines back anyway
+                or age >= MARKER_AGE)

@@ -1,0 +1,235 @@
+"""One connection's view of the network: who shares a channel with the bot,
+from which user@host, logged in as which services account; and, for nicks
+that share no channel, what a WHO query last said about them.
+
+Without IRCv3 ``account-tag`` this is how the bot knows who is talking
+(``account_of``); with it, it is still how the bot checks, before a private
+line leaves, that its nick is still held by the person who asked (``verify``):
+an answer queued by nick must not reach whoever took the nick meanwhile.
+
+What the server keeps us told about (a user in a shared channel: JOIN, PART,
+KICK, QUIT, NICK, and ``account-notify`` for logins) stays current; anything
+else is only as good as the moment it was learnt, so it is trusted for
+``CHECK_FRESH`` seconds.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+from bot.transports.irc.text import Fold, casefolder
+
+log = logging.getLogger(__name__)
+
+# What a WHO answer about a nick that shares no channel with the bot vouches
+# for: lines written within this long after it (a burst goes together; a paced
+# backlog asks again before its next line, one token more per line).
+CHECK_FRESH = 1.0
+CHECK_TIMEOUT = 15.0            # a WHO not answered by then is asked again
+WHOX_TOKEN = "471"
+WHOX_FIELDS = "%tcuhna"         # replies: token channel user host nick account
+
+# Verdicts of ``verify``
+OK = "ok"                       # still the person who asked
+CHANGED = "changed"             # someone else holds the nick now
+GONE = "gone"                   # nobody does
+UNKNOWN = "unknown"             # ask the server first (``ask``)
+UNCHECKABLE = "uncheckable"     # the server cannot tell us (no WHOX, no account tracking)
+
+
+@dataclass
+class Person:
+    """Someone in a channel with the bot (kept current by the server's events)."""
+
+    userhost: str | None = None          # user@host
+    account: str | None = None           # services account; None: logged out
+    account_known: bool = False          # learnt from extended-join, WHOX, account-notify or a tag
+    channels: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What a WHO answer (or a message) said about a nick, and when."""
+
+    at: float
+    online: bool
+    userhost: str | None = None
+    account: str | None = None
+    account_known: bool = False
+
+
+class Roster:
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.fold: Fold = casefolder("rfc1459")
+        self.caps: set[str] = set()              # the connection's acknowledged capabilities (shared)
+        self.whox = False
+        self.prefixes = "@+"                     # ISUPPORT PREFIX symbols (in NAMES replies)
+        self.joined: set[str] = set()            # folded channels the bot is in
+        self.people: dict[str, Person] = {}      # folded nick -> someone sharing a channel
+        self.seen: dict[str, Seen] = {}          # folded nick -> the last WHO answer about it
+        self.asked: dict[str, float] = {}        # folded nick -> when a WHO about it went out
+
+    # -- what the server tells us --------------------------------------------------------
+
+    def tracks_accounts(self) -> bool:
+        """Whether logins and logouts of people in shared channels reach us."""
+        return "account-notify" in self.caps
+
+    def joined_channel(self, channel: str) -> None:
+        self.joined.add(self.fold(channel))
+
+    def left_channel(self, channel: str) -> None:
+        """The bot left (or was kicked from) ``channel``: its members are only
+        tracked as far as they share another channel with it."""
+        chan = self.fold(channel)
+        self.joined.discard(chan)
+        for nick in list(self.people):
+            self.people[nick].channels.discard(chan)
+            if not self.people[nick].channels:
+                del self.people[nick]
+
+    def joined_by(self, nick: str, userhost: str | None, channel: str, account: str | None = None,
+                  known: bool = False) -> None:
+        """Someone joined a shared channel; ``known``: the JOIN said which
+        account (extended-join; None: logged out)."""
+        person = self._person(nick)
+        person.channels.add(self.fold(channel))
+        if userhost:
+            person.userhost = userhost
+        person.account, person.account_known = (account, True) if known else (None, False)
+
+    def names(self, channel: str, nicks: list[str]) -> None:
+        """A NAMES reply: who is in a channel we are in (nicks only)."""
+        chan = self.fold(channel)
+        if chan not in self.joined:
+            return
+        for raw in nicks:
+            nick = raw.lstrip(self.prefixes).split("!", 1)[0]
+            if nick:
+                self._person(nick).channels.add(chan)
+
+    def who_reply(self, channel: str, nick: str, userhost: str | None, account: str | None = None,
+                  known: bool = False) -> None:
+        """One line of a WHO (``known`` False: a plain WHO, which shows no account)
+        or WHOX answer (``account`` None: logged out)."""
+        key = self.fold(nick)
+        chan = self.fold(channel)
+        if chan in self.joined:
+            self._person(nick).channels.add(chan)
+        person = self.people.get(key)
+        if person is not None:
+            person.userhost = userhost or person.userhost
+            if known:
+                person.account, person.account_known = account, True
+        self.seen[key] = Seen(self.clock(), True, userhost, account, known)
+
+    def who_end(self, mask: str) -> bool:
+        """End of a WHO list; True when it answered a question about a nick.
+        A nick that got no reply line is not online."""
+        key = self.fold(mask)
+        asked = self.asked.pop(key, None)
+        if asked is None:
+            return False
+        seen = self.seen.get(key)
+        if seen is None or seen.at < asked:
+            self.seen[key] = Seen(self.clock(), False)
+        return True
+
+    def account_changed(self, nick: str, account: str | None) -> None:
+        person = self.people.get(self.fold(nick))
+        if person is not None:
+            person.account, person.account_known = account, True
+        self.seen.pop(self.fold(nick), None)
+
+    def spoke(self, nick: str, userhost: str | None, account: str | None = None, known: bool = False) -> None:
+        """A message from ``nick``: its prefix is fresh news of who holds the
+        nick (``known``: with account-tag, which tells its account)."""
+        key = self.fold(nick)
+        person = self.people.get(key)
+        if person is not None:
+            person.userhost = userhost or person.userhost
+            if known:
+                person.account, person.account_known = account, True
+        self.seen[key] = Seen(self.clock(), True, userhost, account, known)
+
+    def renamed(self, old: str, new: str) -> None:
+        """``old`` is now ``new`` (a NICK seen in a shared channel)."""
+        old_key, new_key = self.fold(old), self.fold(new)
+        self.seen.pop(old_key, None)
+        self.seen.pop(new_key, None)
+        person = self.people.pop(old_key, None)
+        if person is not None:
+            self.people[new_key] = person
+        elif old_key != new_key:
+            self.people.pop(new_key, None)
+
+    def left(self, nick: str, channel: str) -> None:
+        key = self.fold(nick)
+        person = self.people.get(key)
+        if person is None:
+            return
+        person.channels.discard(self.fold(channel))
+        if not person.channels:       # no shared channel: we would hear of no change any more
+            del self.people[key]
+
+    def quit(self, nick: str) -> None:
+        key = self.fold(nick)
+        self.people.pop(key, None)
+        self.seen[key] = Seen(self.clock(), False)
+
+    def _person(self, nick: str) -> Person:
+        key = self.fold(nick)
+        person = self.people.get(key)
+        if person is None:
+            person = self.people[key] = Person()
+        return person
+
+    # -- questions -------------------------------------------------------------------------
+
+    def account_of(self, nick: str) -> str | None:
+        """Without account-tag: the account tracked for someone in a shared
+        channel, trusted only while account-notify keeps it current."""
+        person = self.people.get(self.fold(nick))
+        if person is None or not self.tracks_accounts():
+            return None
+        return person.account
+
+    def verify(self, nick: str, account: str | None, userhost: str | None, *, any_age: bool = False) -> str:
+        """Whether ``nick`` is still held by who asked: logged in as ``account``
+        or, without one, connected from ``userhost``.  OK, CHANGED (someone
+        else holds it), GONE (nobody), UNKNOWN (ask the server: ``ask``) or
+        UNCHECKABLE.  ``any_age``: a WHO answer counts however old it is (the
+        first line after the answer it was waiting for)."""
+        key = self.fold(nick)
+        person = self.people.get(key)
+        if person is not None:
+            if account is not None and person.account_known and self.tracks_accounts():
+                return OK if person.account == account else CHANGED
+            if account is None and person.userhost is not None:
+                return OK if person.userhost == userhost else CHANGED
+        seen = self.seen.get(key)
+        if seen is None or self.clock() - seen.at > (CHECK_TIMEOUT if any_age else CHECK_FRESH):
+            return UNKNOWN
+        if not seen.online:
+            return GONE
+        if account is not None:
+            if not seen.account_known:
+                return UNKNOWN if self.whox else UNCHECKABLE
+            return OK if seen.account == account else CHANGED
+        if seen.userhost is None:
+            return UNKNOWN
+        return OK if seen.userhost == userhost else CHANGED
+
+    def ask(self, nick: str) -> str | None:
+        """The WHO line to send about ``nick``, unless one is already on its way."""
+        key = self.fold(nick)
+        now = self.clock()
+        if now - self.asked.get(key, -CHECK_TIMEOUT) < CHECK_TIMEOUT:
+            return None
+        self.asked[key] = now
+        return f"WHO {nick} {WHOX_FIELDS},{WHOX_TOKEN}" if self.whox else f"WHO {nick}"
+
+    def who_channel(self, channel: str) -> str:
+        return f"WHO {channel} {WHOX_FIELDS},{WHOX_TOKEN}"

@@ -1,0 +1,280 @@
+"""The IRC front-end against a real InspIRCd 3 + Anope 2 on 127.0.0.1:
+NickServ accounts, SASL (also late, when services come back), IRCv3 account
+tags and account tracking, echo-message, and InspIRCd's DEFAULT connect class,
+which enforces flood limits (fakelag, RecvQ).  One pair serves the session;
+tests that stop servers get their own."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.access import IrcIds, User
+from bot.chat import Identity, Message, Room
+from bot.transports.irc import DEFAULT_BURST, DEFAULT_CAPS, DEFAULT_RATE, IrcConfig, IrcTransport
+from tests.engine_fixtures import engines  # noqa: F401  # the fixture irc_engine builds on
+from tests.servers import free_port
+from tests.servers.irc import BOT, NET, BotFactory, InspircdAnope, irc_config, wait_for
+from tests.serverkit.irc import NoLateSaslProxy
+
+pytestmark = pytest.mark.servers
+BOT_ACCOUNT = ("releasebot", "botpw-1")
+BOSS = ("boss", "bosspw-1")          # the admin's services account
+ALICE = ("alice", "alicepw-1")
+ADMINS = {"*": frozenset({"admins"})}
+
+
+@pytest.fixture(scope="session")
+def insp(inspircd_anope: InspircdAnope) -> InspircdAnope:
+    inspircd_anope.register(BOT_ACCOUNT, BOSS, ALICE)
+    return inspircd_anope
+
+
+# -- identities, SASL and accounts (InspIRCd + Anope) --------------------------------------------------
+
+async def test_bot_logs_in_with_sasl_and_its_lines_carry_its_account(
+        insp: InspircdAnope, irc_bots: BotFactory, irc_clients: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)                          # even the library's raw-line logging
+    bot = await irc_bots(irc_config(insp.port, sasl_account=BOT_ACCOUNT[0], sasl_password=BOT_ACCOUNT[1]))
+    assert bot.account == BOT_ACCOUNT[0]
+    secret = base64.b64encode(f"\0{BOT_ACCOUNT[0]}\0{BOT_ACCOUNT[1]}".encode()).decode()
+    assert any("AUTHENTICATE PLAIN" in r.getMessage() for r in caplog.records)
+    assert not any(secret in r.getMessage() or BOT_ACCOUNT[1] in r.getMessage() for r in caplog.records)
+    human = await irc_clients(insp.helper_port, "judy", caps=("account-tag", "message-tags"))
+    await human.join("#ops")
+    reply = await human.ask("#ops", "!help", BOT)
+    assert reply.tags.get("account") == BOT_ACCOUNT[0]
+
+
+async def test_a_wrong_sasl_password_is_logged_and_the_bot_still_serves(
+        insp: InspircdAnope, irc_bots: BotFactory, irc_clients: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "bot.transports.irc")
+    bot = await irc_bots(irc_config(insp.port, nick="releasebot2", sasl_account=BOT_ACCOUNT[0], sasl_password="wrong"))
+    assert bot.account is None
+    assert any("SASL login as releasebot failed" in r.getMessage() for r in caplog.records)
+    assert not any("wrong" in r.getMessage() for r in caplog.records)      # never the password
+    human = await irc_clients(insp.helper_port, "karl")
+    await human.join("#ops")
+    assert (await human.ask("#ops", "!help", "releasebot2")).text.startswith("karl: commands:")
+
+
+async def test_whoami_shows_the_services_account_of_a_sasl_user(
+        insp: InspircdAnope, irc_bots: BotFactory, irc_clients: Any) -> None:
+    await irc_bots(irc_config(insp.port), users=[User("boss", irc={NET: IrcIds(("boss",))}, roles=ADMINS)])
+    human = await irc_clients(insp.helper_port, "bossman", sasl=BOSS)       # any nick: the account counts
+    await human.join("#ops")
+    reply = await human.ask("#ops", "!whoami", BOT)
+    assert reply.text == "bossman: bossman on testnet is boss, verified by services account; roles: *: admins"
+
+
+async def test_an_impostor_with_the_admins_nick_is_refused_and_the_refusal_logged(
+        insp: InspircdAnope, irc_bots: BotFactory, irc_clients: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "bot.commands")
+    await irc_bots(irc_config(insp.port), users=[User("boss", irc={NET: IrcIds(("boss",))}, roles=ADMINS)])
+    boss = await irc_clients(insp.helper_port, "boss", sasl=BOSS)
+    await boss.join("#ops")
+    assert (await boss.ask("#ops", "!ps", BOT)).text == "boss: no running, waiting or failed instances"
+    await boss.close()
+    await asyncio.sleep(0.2)
+
+    impostor = await irc_clients(insp.helper_port, "boss")                     # same nick, not logged in
+    await impostor.join("#ops")
+    reply = await impostor.ask("#ops", "!ps", BOT)
+    assert reply.text.startswith("boss: not authorised: ps needs a verified, known user "
+                                 "(boss on testnet: not identified (not verified))")
+    reply = await impostor.ask(BOT, "cancel 1", BOT)
+    assert reply.text.startswith("not authorised: cancel needs a verified, known user")
+    refusals = [r.getMessage() for r in caplog.records if r.name == "bot.commands"]
+    assert any("refused 'ps' from irc:testnet:boss" in m for m in refusals)
+    assert any("refused 'cancel 1' from irc:testnet:boss" in m for m in refusals)
+
+
+async def test_a_command_to_the_channels_ops_only_is_answered_to_its_ops_only(
+        tmp_path: Path, irc_bots: BotFactory, irc_clients: Any) -> None:
+    # ngircd has no STATUSMSG; InspIRCd has (ISUPPORT STATUSMSG).  Its own one,
+    # without services, where a channel's creator is an op.
+    ports: set[int] = set()
+    while len(ports) < 3:
+        ports.add(free_port())
+    port, helper_port, link_port = sorted(ports)
+    server = InspircdAnope(tmp_path / "insp", port, helper_port, link_port, channel_modes="not").start(services=False)
+    try:
+        oscar = await irc_clients(server.helper_port, "oscar")
+        await oscar.join("#opsonly")                            # first in: an op
+        await irc_bots(irc_config(server.port, channels=("#opsonly",)))
+        oscar.send(f"MODE #opsonly +o {BOT}")                   # only ops get "@#opsonly" lines
+        await oscar.expect(lambda m: m.command == "MODE" and BOT in m.params)
+        peggy = await irc_clients(server.helper_port, "peggy")       # not an op
+        await peggy.join("#opsonly")
+
+        reply = await oscar.ask("@#opsonly", "!help whoami", BOT)
+        assert (reply.params[0], reply.text) == (
+            "@#opsonly", "oscar: whoami - who the bot thinks you are, and how that was verified")
+        assert await peggy.quiet(BOT, 0.5) == []                # the old answer went to all of #opsonly
+        reply = await peggy.ask("#opsonly", "!help whoami", BOT)    # control: channel command, channel answer
+        assert reply.params[0] == "#opsonly"
+    finally:
+        server.stop()
+
+
+async def test_without_account_tag_accounts_come_from_extended_join_account_notify_and_whox(
+        insp: InspircdAnope, irc_bots: BotFactory, irc_clients: Any) -> None:
+    early = await irc_clients(insp.helper_port, "early", sasl=ALICE)    # in the channel before the bot: WHOX
+    await early.join("#track")
+    caps = tuple(c for c in DEFAULT_CAPS if c != "account-tag")
+    await irc_bots(irc_config(insp.port, channels=("#track",), request_caps=caps),
+               users=[User("alice", irc={NET: IrcIds(("alice",))}), User("boss", irc={NET: IrcIds(("boss",))}, roles=ADMINS)])
+    assert (await early.ask("#track", "!whoami", BOT)).text.startswith(
+        "early: early on testnet is alice, verified by services")
+
+    late = await irc_clients(insp.helper_port, "late", sasl=BOSS)       # joins after the bot: extended-join
+    await late.join("#track")
+    assert (await late.ask("#track", "!whoami", BOT)).text.startswith(
+        "late: late on testnet is boss, verified by services")
+
+    anon = await irc_clients(insp.helper_port, "boss")                  # the admin's nick, not logged in
+    await anon.join("#track")
+    assert (await anon.ask("#track", "!ps", BOT)).text.startswith("boss: not authorised")
+    anon.say("NickServ", f"IDENTIFY {BOSS[1]}")                    # logs in now: account-notify
+    await anon.expect(lambda m: m.command == "900")
+    await asyncio.sleep(0.2)
+    assert (await anon.ask("#track", "!whoami", BOT)).text.startswith(
+        "boss: boss on testnet is boss, verified by services")
+    anon.say("NickServ", "LOGOUT")                                 # and out again
+    await anon.expect(lambda m: m.command == "901")
+    await asyncio.sleep(0.2)
+    assert (await anon.ask("#track", "!ps", BOT)).text.startswith("boss: not authorised")
+
+
+async def test_after_a_server_restart_while_services_are_down_the_bot_logs_in_once_they_are_back(
+        own_inspircd_anope: InspircdAnope, irc_bots: BotFactory, irc_clients: Any,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "bot.transports.irc")
+    pair = own_inspircd_anope
+    await asyncio.to_thread(pair.register, BOT_ACCOUNT)
+    bot = await irc_bots(irc_config(pair.port, sasl_account=BOT_ACCOUNT[0], sasl_password=BOT_ACCOUNT[1]),
+                     sasl_recheck=0.5)
+    assert bot.account == BOT_ACCOUNT[0]
+
+    await asyncio.to_thread(pair.stop_services)       # anope saves its accounts and goes
+    pair.kill_ircd()                                   # the ircd crashes ...
+    await asyncio.to_thread(pair.start_ircd)           # ... and comes back, without services: no SASL
+    await wait_for(lambda: bot.connections == 2 and bot.connected, 15)
+    await bot.wait_ready(10)
+    assert bot.account is None
+    assert any("offers no SASL PLAIN" in r.getMessage() and r.levelno >= logging.WARNING for r in caplog.records)
+    human = await irc_clients(pair.helper_port, "nina", caps=("account-tag", "message-tags"))
+    await human.join("#ops")
+    reply = await human.ask("#ops", "!help whoami", BOT)     # it still serves, logged out
+    assert reply.text.startswith("nina: whoami - ") and "account" not in reply.tags
+
+    await asyncio.to_thread(pair.start_services)       # InspIRCd 3 lists sasl again but announces nothing
+    await wait_for(lambda: bot.account == BOT_ACCOUNT[0], 15)
+    reply = await human.ask("#ops", "!help whoami", BOT)
+    assert reply.tags.get("account") == BOT_ACCOUNT[0]        # the server vouches for the bot again
+    assert (bot.connections, bot.disconnects) == (2, 1)       # logged in after registration, no reconnect
+
+
+async def test_a_server_refusing_sasl_after_registration_gets_a_clean_reconnect_and_the_bot_logs_in(
+        own_inspircd_anope: InspircdAnope, irc_bots: BotFactory, irc_clients: Any,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "bot.transports.irc")
+    pair = own_inspircd_anope
+    await asyncio.to_thread(pair.register, BOT_ACCOUNT)
+    await asyncio.to_thread(pair.stop_services)
+    proxy = await NoLateSaslProxy(pair.port).start()
+    try:
+        bot = await irc_bots(irc_config(proxy.port, sasl_account=BOT_ACCOUNT[0], sasl_password=BOT_ACCOUNT[1]),
+                         sasl_recheck=0.5)
+        assert bot.account is None
+        human = await irc_clients(pair.helper_port, "olga")
+        await human.join("#ops")
+
+        await asyncio.to_thread(pair.start_services)
+        await wait_for(lambda: bot.account == BOT_ACCOUNT[0] and bot.connected, 20)
+        assert proxy.refused == 1
+        quit_line = await human.expect(lambda m: m.command == "QUIT" and m.nick == BOT)
+        assert "reconnecting to log in" in quit_line.text
+        assert (bot.connections, bot.disconnects) == (2, 0)         # a chosen reconnect, not a lost link
+        assert any("reconnecting to log in while registering" in r.getMessage() for r in caplog.records)
+        await bot.wait_ready(10)
+        assert (await human.ask("#ops", "!help whoami", BOT)).text.startswith("olga: whoami - ")
+    finally:
+        await proxy.close()
+
+
+async def test_the_bot_ignores_its_own_echoed_lines(
+        insp: InspircdAnope, irc_clients: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, "irc.client_aio")
+    seen: list[Message] = []
+
+    async def record(message: Message) -> None:
+        seen.append(message)
+
+    bot = IrcTransport(irc_config(insp.port, channels=("#echo",)))
+    await bot.start(record)
+    try:
+        await bot.wait_ready(15)
+        human = await irc_clients(insp.helper_port, "lena")
+        await human.join("#echo")
+        for text in ("!ps", f"{BOT}: cancel 1"):
+            await bot.send(Room("irc", NET, "#echo"), text)
+        await bot.send(Identity("irc", NET, BOT), "whoami")         # even a private line to itself
+        assert [m.text for m in await human.messages_from(BOT, 2)] == ["!ps", f"{BOT}: cancel 1"]
+        for _ in range(100):
+            if bot.pending() == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert bot.pending() == 0                                   # the echoes confirmed them
+        echoed = [r.getMessage() for r in caplog.records if f":{BOT}!" in r.getMessage() and "PRIVMSG" in r.getMessage()]
+        assert len(echoed) >= 3                                     # the server did send them back
+        assert seen == []
+        human.say("#echo", "!ps")                                   # control: a human is heard
+        for _ in range(100):
+            if seen:
+                break
+            await asyncio.sleep(0.02)
+        assert [m.text for m in seen] == ["ps"]
+    finally:
+        await bot.close(flush_timeout=1)
+
+
+async def test_the_default_connect_class_really_cuts_off_a_sender_that_does_not_pace(
+        insp: InspircdAnope, irc_clients: Any) -> None:
+    """The control for the next test: on this port an unpaced burst is fatal."""
+    flooder = await irc_clients(insp.port, "flooder")
+    await flooder.join("#flood-control")
+    flooder.writer.write(b"".join(f"PRIVMSG #flood-control :{i:03d} {'x' * 60}\r\n".encode() for i in range(300)))
+    error = await flooder.expect(lambda m: m.command == "ERROR", 15)
+    assert "RecvQ exceeded" in error.text or "Excess Flood" in error.text
+
+
+@pytest.mark.slow
+async def test_500_lines_on_inspircds_default_connect_class_arrive_complete_in_order_without_a_disconnect(
+        insp: InspircdAnope, irc_clients: Any) -> None:
+    # insp.port uses the DEFAULT connect class: 1 s of penalty per line, 10 s
+    # threshold, small RecvQ.  A naive sender is cut off after ~200 lines.
+    assert (DEFAULT_RATE, DEFAULT_BURST) == (1.0, 5)
+
+    async def ignore(message: Message) -> None:
+        pass
+
+    bot = IrcTransport(IrcConfig(name=NET, host="127.0.0.1", port=insp.port, tls=False, nick="floodbot",
+                                 channels=("#flood",)))
+    await bot.start(ignore)
+    try:
+        await bot.wait_ready(15)
+        human = await irc_clients(insp.helper_port, "mallory")
+        await human.join("#flood")
+        text = "\n".join(f"{i:03d} " + "x" * 60 for i in range(500))
+        await bot.send(Room("irc", NET, "#flood"), text)
+        lines = await human.messages_from("floodbot", 500, timeout=600)
+        assert [int(m.text[:3]) for m in lines] == list(range(500))
+        assert bot.connected and bot.disconnects == 0
+        assert not [m for m in human.lines if m.command == "QUIT" and m.nick == "floodbot"]
+    finally:
+        await bot.close(flush_timeout=1)
