@@ -57,7 +57,7 @@ CONFIG = textwrap.dedent("""\
         tls: sometimes
         rooms: [release@conference.example.org/nick]
         colour: blue
-        max_queued_lines: 1
+        max_queued_lines: 9
 """)
 
 
@@ -89,7 +89,7 @@ def test_parse_config_reports_every_problem_with_file_and_line(monkeypatch: Any)
         "conf/bot.yaml:16: xmpp network 'broken': unknown key 'colour' (expected name, jid, password_env, host, port, "
         "tls, ca_file, rooms, nick, command_prefix, rate, burst, reconnect_min, reconnect_max, keepalive, "
         "max_line_chars, max_queued_lines)",
-        "conf/bot.yaml:17: xmpp network 'broken': max_queued_lines: at least 2",
+        "conf/bot.yaml:17: xmpp network 'broken': max_queued_lines: at least 10",
     ]), problems
     assert not any("hunter2" in p for p in problems)
 

@@ -13,6 +13,7 @@ TLS_POLICIES = ("starttls", "direct", "plaintext")
 KEYS = ("name", "jid", "password_env", "host", "port", "tls", "ca_file", "rooms", "nick",
         "command_prefix", "rate", "burst", "reconnect_min", "reconnect_max", "keepalive",
         "max_line_chars", "max_queued_lines")
+MIN_MAX_QUEUED = 10                    # lines per target
 MIN_KEEPALIVE = 1.0                    # seconds; below this pings would flood, and 0 would never ping
 
 
@@ -90,9 +91,9 @@ def parse_config(section: Section) -> XmppConfig | None:
     rate = s.get("rate", (int, float), 5.0, lambda v: None if v > 0 else "must be > 0")
     burst = s.get("burst", int, 10, lambda v: None if v >= 1 else "at least 1")
     max_line = s.get("max_line_chars", int, 3000, lambda v: None if v >= 100 else "at least 100")
-    # 2: room for a line and the note saying what was left out
+    # As on IRC, at least 10: fewer would cut ordinary answers (help, a short ps) for nothing.
     max_queued = s.get("max_queued_lines", int, DEFAULT_MAX_PER_TARGET,
-                       lambda v: None if v >= 2 else "at least 2")
+                       lambda v: None if v >= MIN_MAX_QUEUED else f"at least {MIN_MAX_QUEUED}")
     rmin = s.duration("reconnect_min", 1.0)
     rmax = s.duration("reconnect_max", 300.0)
     if rmax < rmin:
