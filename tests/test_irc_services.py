@@ -15,7 +15,7 @@ import pytest
 
 from bot.access import IrcIds, User
 from bot.chat import Identity, Message, Room
-from bot.transports.irc import DEFAULT_BURST, DEFAULT_CAPS, DEFAULT_RATE, IrcConfig, IrcTransport
+from bot.transports.irc import DEFAULT_BURST, DEFAULT_CAPS, DEFAULT_MAX_QUEUED, DEFAULT_RATE, IrcConfig, IrcTransport
 from tests.engine_fixtures import engines  # noqa: F401  # the fixture irc_engine builds on
 from tests.servers import free_port
 from tests.servers.irc import BOT, NET, BotFactory, InspircdAnope, irc_config, wait_for
@@ -254,11 +254,14 @@ async def test_the_default_connect_class_really_cuts_off_a_sender_that_does_not_
 
 
 @pytest.mark.slow
-async def test_500_lines_on_inspircds_default_connect_class_arrive_complete_in_order_without_a_disconnect(
+async def test_a_backlog_flows_at_the_default_rate_on_inspircds_default_connect_class_without_lag_or_disconnect(
         insp: InspircdAnope, irc_clients: Any) -> None:
-    # insp.port uses the DEFAULT connect class: 1 s of penalty per line, 10 s
-    # threshold, small RecvQ.  A naive sender is cut off after ~200 lines.
+    # insp.port uses the DEFAULT connect class: 1 s of penalty per line, 10 s threshold,
+    # small RecvQ; the control above shows it cuts off a sender that does not pace.  At the
+    # default pacing the bot's lines arrive at 1/s after the burst, and the server processes
+    # each at once: with echo-message, a line the server lagged would stay unconfirmed.
     assert (DEFAULT_RATE, DEFAULT_BURST) == (1.0, 5)
+    lines, paced = 18, 12            # the burst may be smaller than 5: the JOIN and WHO spent tokens
 
     async def ignore(message: Message) -> None:
         pass
@@ -267,14 +270,104 @@ async def test_500_lines_on_inspircds_default_connect_class_arrive_complete_in_o
                                  channels=("#flood",)))
     await bot.start(ignore)
     try:
-        await bot.wait_ready(15)
-        human = await irc_clients(insp.helper_port, "mallory")
+        human, _ = await asyncio.gather(irc_clients(insp.helper_port, "mallory"), bot.wait_ready(15))
         await human.join("#flood")
-        text = "\n".join(f"{i:03d} " + "x" * 60 for i in range(500))
-        await bot.send(Room("irc", NET, "#flood"), text)
-        lines = await human.messages_from("floodbot", 500, timeout=600)
-        assert [int(m.text[:3]) for m in lines] == list(range(500))
+        await bot.send(Room("irc", NET, "#flood"), "\n".join(f"{i:03d} " + "x" * 60 for i in range(lines)))
+        loop = asyncio.get_running_loop()
+        arrivals: list[float] = []
+        most_unconfirmed = 0
+        for i in range(lines):
+            [line] = await human.messages_from("floodbot", 1, timeout=5)
+            assert int(line.text[:3]) == i
+            arrivals.append(loop.time())
+            most_unconfirmed = max(most_unconfirmed, bot.unconfirmed())
+        assert "echo-message" in bot._session.caps    # type: ignore[union-attr]
+        steady = arrivals[-paced:]                             # well after the burst
+        rate = (len(steady) - 1) / (steady[-1] - steady[0])
+        assert 0.9 * DEFAULT_RATE <= rate <= 1.05 * DEFAULT_RATE
+        assert most_unconfirmed <= 2                           # no fakelag: every line processed at once
         assert bot.connected and bot.disconnects == 0
         assert not [m for m in human.lines if m.command == "QUIT" and m.nick == "floodbot"]
     finally:
         await bot.close(flush_timeout=1)
+
+
+# -- fairness and private output (issues found on real servers) ----------------------------------
+
+async def test_one_users_long_answer_does_not_hold_up_anothers_and_goes_when_they_quit(
+        insp: InspircdAnope, irc_bots: BotFactory, irc_clients: Any, caplog: pytest.LogCaptureFixture) -> None:
+    # Default pacing (1 line/s after a burst of 5) on the DEFAULT connect class.  The old
+    # single queue made carol wait behind mallory's 200 lines: over three minutes.
+    caplog.set_level(logging.INFO, "bot.transports.irc")
+    bot, mallory, carol = await asyncio.gather(
+        irc_bots(irc_config(insp.port, nick="fairbot", channels=("#fair",))),
+        irc_clients(insp.helper_port, "mallory"), irc_clients(insp.helper_port, "carol"))
+    await asyncio.gather(mallory.join("#fair"), carol.join("#fair"))
+    await bot.send(Identity("irc", NET, "mallory"), "\n".join(f"flood {i:03d}" for i in range(200)))
+    await mallory.messages_from("fairbot", DEFAULT_BURST + 1, timeout=5)   # the burst, and pacing began
+
+    loop = asyncio.get_running_loop()
+    asked = loop.time()
+    reply = await carol.ask("#fair", "!help whoami", "fairbot", timeout=5)
+    assert reply.text.startswith("carol: whoami - ")
+    assert loop.time() - asked < 2.0
+    assert bot.pending() <= DEFAULT_MAX_QUEUED                     # capped: the rest is one note
+    assert any("left out: at most 60 may wait per target" in r.getMessage() for r in caplog.records)
+
+    await mallory.close()                                          # gone: so are the lines queued for her
+    await wait_for(lambda: bot.pending() == 0, 3)
+    assert sum("dropped" in r.getMessage() and "mallory" in r.getMessage() for r in caplog.records) == 1
+
+
+async def ps_all_in_private(irc_engine: Any, instances: int = 35) -> None:
+    for _ in range(instances):
+        await irc_engine.launch("waiting", {}, actor="test")
+
+
+async def test_private_lines_follow_a_nick_change_and_never_reach_whoever_takes_the_nick(
+        insp: InspircdAnope, irc_bots: BotFactory, irc_clients: Any, irc_engine: Any) -> None:
+    # alice (a services account) asks for ps all in a channel she shares with the bot:
+    # 35 lines, paced, to her privately.  She changes nick; someone not logged in takes
+    # "alice".  The old queue went by nick: the newcomer got the rest of alice's answer.
+    await ps_all_in_private(irc_engine)
+    users = [User("alice", irc={NET: IrcIds(("alice",))}, roles=ADMINS)]
+    bot, alice = await asyncio.gather(
+        irc_bots(irc_config(insp.helper_port, nick="privbot", channels=("#priv",), pacing_rate=10.0), users=users),
+        irc_clients(insp.helper_port, "alice", sasl=ALICE))
+    await alice.join("#priv")
+    alice.say("#priv", "!ps all")
+    note = await alice.expect(lambda m: m.nick == "privbot" and m.params[0] == "#priv")
+    assert note.text == "alice: 35 lines, sent to you privately"
+    first = await alice.messages_from("privbot", 3, target="alice")
+    alice.send("NICK alice_away")
+    await alice.expect(lambda m: m.command == "NICK" and m.params[0] == "alice_away")
+    newcomer = await irc_clients(insp.helper_port, "alice")       # the nick is free: anyone may take it
+    rest = await alice.messages_from("privbot", 32, timeout=10)
+    assert {m.params[0] for m in rest} == {"alice_away"}
+    assert [m.text.split()[0] for m in first + rest] == [f"#{i}" for i in range(35, 0, -1)]
+    await wait_for(lambda: bot.pending() == 0, 3)
+    assert await newcomer.quiet("privbot", 0.2) == []
+    assert not any(m.nick == "privbot" for m in newcomer.lines if m.command in ("PRIVMSG", "NOTICE"))
+
+
+async def test_private_lines_to_a_nick_the_bot_cannot_watch_are_checked_and_dropped_once_it_changed_hands(
+        insp: InspircdAnope, irc_bots: BotFactory, irc_clients: Any, irc_engine: Any,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # alice shares no channel with the bot: it does not see her change nick, so before each
+    # line it checks (WHO) that "alice" is still logged in as alice.
+    caplog.set_level(logging.INFO, "bot.transports.irc")
+    await ps_all_in_private(irc_engine)
+    users = [User("alice", irc={NET: IrcIds(("alice",))}, roles=ADMINS)]
+    bot, alice = await asyncio.gather(
+        irc_bots(irc_config(insp.helper_port, nick="privbot2", channels=(), pacing_rate=10.0), users=users),
+        irc_clients(insp.helper_port, "alice", sasl=ALICE))
+    alice.say("privbot2", "ps all")
+    await alice.messages_from("privbot2", 3, target="alice")
+    alice.send("NICK alice_away")
+    await alice.expect(lambda m: m.command == "NICK" and m.params[0] == "alice_away")
+    newcomer = await irc_clients(insp.helper_port, "alice")
+    await wait_for(lambda: bot.pending() == 0, 5)
+    assert await newcomer.quiet("privbot2", 0.2) == []
+    assert not any(m.nick == "privbot2" for m in newcomer.lines if m.command in ("PRIVMSG", "NOTICE"))
+    drops = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(drops) == 1 and "queued for alice: the nick is" in drops[0], drops

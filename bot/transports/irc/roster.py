@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 # What a WHO answer about a nick that shares no channel with the bot vouches
 # for: lines written within this long after it (a burst goes together; a paced
 # backlog asks again before its next line, one token more per line).
-CHECK_FRESH = 1.0
+CHECK_FRESH = 0.5
 CHECK_TIMEOUT = 15.0            # a WHO not answered by then is asked again
 WHOX_TOKEN = "471"
 WHOX_FIELDS = "%tcuhna"         # replies: token channel user host nick account
