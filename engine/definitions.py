@@ -108,9 +108,6 @@ class ProcessSpec:
     source: str = field(repr=False, default="")   # the YAML text: stored with the instances that use it
     digest: str = ""                               # identifies this version of the definition
 
-    def step(self, path: str) -> StepSpec:
-        return self.steps[path]
-
     def parent(self, path: str) -> StepSpec | None:
         p = self.parents.get(path)
         return None if p is None else self.steps[p]

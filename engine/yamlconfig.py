@@ -30,7 +30,7 @@ class ConfigError(Exception):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
-class Node(dict):  # type: ignore[type-arg]
+class Node(dict[str, Any]):
     """A YAML mapping that remembers the line of itself and of each key."""
 
     line: int
@@ -40,12 +40,12 @@ class Node(dict):  # type: ignore[type-arg]
         return self.key_lines.get(key, self.line)
 
 
-class NodeList(list):  # type: ignore[type-arg]
+class NodeList(list[Any]):
     line: int
     item_lines: list[int]
 
 
-class _LineLoader(yaml.SafeLoader):
+class _LineLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no type hints: SafeLoader is Any
     pass
 
 
