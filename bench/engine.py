@@ -91,7 +91,7 @@ async def durable_run(n: int, workdir: Path) -> float:
         nonlocal finished
         if event.event == "pending":
             # people answer independently of each other: one task per answer
-            key = engine._instances[event.instance_id].runs[event.path]["k"]
+            key = engine._instances[event.instance_id].runs[event.path].key
             task = asyncio.ensure_future(engine.reply(key, Reply.done({"approved": True}), actor="bench"))
             answers.add(task)
             task.add_done_callback(answers.discard)

@@ -6,6 +6,18 @@ store's group-commit writer, and only then announced: events published,
 workitems handed to participants, timers armed.  Nothing a participant or a
 person sees can be lost by a crash after it was seen.
 
+Transitions are atomic in memory too.  One transition is applied at a time,
+from its first change to its being queued for commit, so none sees another's
+half-done changes, even across an await (loading an instance).  The
+transitions applied in one pass of the event loop are committed together, all
+or none, each instance's row written once, in its final state: replies that
+reach one instance at once share one commit and one serialisation.  An
+instance with a commit in flight is changed again only once that commit is
+settled, so no transition builds on changes that may yet fail to be written.
+When a commit fails, its instances are forgotten and read again from SQLite
+(their last committed state); the transitions in it that were not to blame
+(the store names the culprits) are applied again from there.
+
 Recovery at start (``Engine.start``): workitems that were dispatched but not
 answered are dispatched again with the same key; pending ones stay pending;
 cancellations and fired reminders not yet delivered are delivered; timers are
@@ -16,21 +28,24 @@ number of waiting instances.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo
-from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence, TypeVar
 
 from engine.definitions import ProcessSpec, parse_definition
 from engine.errors import EngineError, NoSuchInstance, NoSuchWorkitem, NotAllowedNow, UnknownProcess
 from engine.events import Event, EventBus
-from engine.instances import (ACTIVE, CancelInstance, ChildFinished, Instance, Launch, Status, TimerKey,
-                              Transition, event_name)
+from engine.instances import ACTIVE, CancelInstance, ChildFinished, Instance, Launch, Status, Transition
 from engine.participants import ParticipantRegistry, Reply, Workitem
+from engine.runs import RunState, runs_from_json, runs_to_json
+from engine.schedules import ScheduleInfo as ScheduleInfo   # re-exported: bot/rendering.py imports it from here
+from engine.schedules import ScheduleSpec, Schedules
+from engine.store import InstanceRow, NotWritten, Op, Store, StoreError, TimerRow, WorkitemRow
+from engine.timerops import SCHEDULE_OWNER, DropTimer, TimerKey, event_name
+from engine.timers import Clock, SystemClock, TimerService
 from engine.yamlconfig import loads_yaml
-from engine.schedules import ScheduleSpec
-from engine.store import InstanceRow, Op, Store, TimerRow, WorkitemRow, dumps
-from engine.timers import Clock, SystemClock, TimerService, next_cron
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +55,24 @@ _ACTIVE_NAMES = frozenset(s.value for s in ACTIVE)
 # and never yield.  Validation reports cycles; this bounds what slips past it
 # (an instance running an earlier version of a definition, say).
 MAX_SUBPROCESS_DEPTH = 32
-Action = Callable[[Instance | None, Transition], Any]
+# How often a transition is applied again when the commit it shared failed
+# through no fault of its own.
+_ATTEMPTS = 3
+R = TypeVar("R")
+# What a transition does to one instance (None: no such instance, or a launch that makes one).
+Action = Callable[[Instance | None, Transition], R]
+
+
+class _TryAgain(Exception):
+    """The commit a transition shared failed through another's fault: apply it again."""
+
+
+@dataclass(slots=True)
+class _Queued:
+    """A transition applied in memory, waiting to be committed."""
+    tx: Transition
+    ops: list[Op]                       # its own statements (instance rows are written per pass)
+    written: asyncio.Future[None]
 
 
 @dataclass(frozen=True)
@@ -54,16 +86,6 @@ class InstanceSummary:
     waiting_on: str
     parent_id: int | None
     error: str
-
-
-@dataclass(frozen=True)
-class ScheduleInfo:
-    name: str
-    cron: str
-    process: str
-    misfire: str
-    next_due: float | None
-    last_run: float | None
 
 
 @dataclass(frozen=True)
@@ -85,10 +107,14 @@ class Engine:
         self.participants = participants
         self.clock = clock or SystemClock()
         self.bus = bus or EventBus()
-        self.schedule_specs = {s.name: s for s in schedules}
         self.timers = TimerService(store, self._fire_timers, self.clock, use_scheduler)
+        self._schedules = Schedules(schedules, store, self.timers, self.clock, self._launch)
         self._instances: dict[int, Instance] = {}
         self._loading: dict[int, asyncio.Future[Instance | None]] = {}
+        self._applying = asyncio.Lock()                 # held while a transition is applied
+        self._pass: list[_Queued] = []                  # applied in this pass, not yet committed
+        self._submit_due = False
+        self._unsettled: dict[int, asyncio.Future[None]] = {}   # instance -> its commit in flight
         self._next_id = 1
         self.tz = ZoneInfo(timezone)
         self._old_specs: dict[str, ProcessSpec] = {}     # earlier versions still running somewhere
@@ -104,7 +130,7 @@ class Engine:
             [(s.digest, s.name, s.source, now) for s in self.specs.values() if s.digest])])
         for participant in self.participants.all():
             await participant.setup(self)
-        await self._sync_schedules()
+        await self._schedules.sync()
         redo = await self.store.workitems(state="dispatched")
         for row in redo:
             self._spawn(self._consume(_workitem(row)))
@@ -112,7 +138,7 @@ class Engine:
         if cancelling:
             self._spawn(self._tell_cancelled([r.key for r in cancelling]))
         for timer in await self.store.fired_timers():
-            self._spawn(self._deliver_timer(TimerKey(timer.instance_id, timer.path, timer.kind, timer.name), None))
+            self._spawn(self._deliver_timer(timer.key, None))
         await self.timers.start()
         self.started = True
         if redo or cancelling:
@@ -144,13 +170,22 @@ class Engine:
     # -- the public operations ---------------------------------------------------
 
     async def launch(self, process: str, fields: Mapping[str, Any] | None = None, *, actor: str = "") -> int:
+        iid = await self._launch(process, fields or {}, actor)
+        log.info("#%d %s launched by %s", iid, process, actor or "engine")
+        return iid
+
+    async def _launch(self, process: str, fields: Mapping[str, Any], actor: str, extra: Sequence[Op] = ()) -> int:
+        """Start an instance of ``process``; ``extra`` is written in the same commit."""
         spec = self.specs.get(process)
         if spec is None:
             raise UnknownProcess(f"unknown process {process!r}")
-        inst = self._new_instance(self._allocate(), spec, dict(fields or {}), None)
-        await self._transact([(inst.id, lambda i, tx: i.start(tx, actor))])  # type: ignore[union-attr]
-        log.info("#%d %s launched by %s", inst.id, process, actor or "engine")
-        return inst.id
+
+        def start(_: Instance | None, tx: Transition) -> int:
+            inst = self._new_instance(tx.allocate_id(), spec, dict(fields), None, tx.now)
+            inst.start(tx, actor)
+            return inst.id
+        [iid] = await self._transact([(None, start)], extra)
+        return iid
 
     async def reply(self, key: str, reply: Reply, *, actor: str = "") -> None:
         """Answer a dispatched or pending workitem (participants, approvals)."""
@@ -160,24 +195,23 @@ class Engine:
         inst = await self._get(iid)
         if inst is None:
             raise NoSuchWorkitem(f"no open step {key}")
-        accepted = await self._transact([(iid, lambda i, tx: i.on_reply(tx, path, key, reply, actor)  # type: ignore[union-attr]
+        accepted = await self._transact([(iid, lambda i, tx: i.on_reply(tx, path, key, reply, actor)
                                           if i else False)])
         if not accepted[0]:
             raise NoSuchWorkitem(f"step {key} is not open any more (answered, cancelled or unknown)")
 
     async def cancel(self, instance_id: int, *, actor: str = "") -> None:
         await self._require(instance_id)
-        await self._transact([(instance_id, lambda i, tx: i.cancel(tx, actor))])  # type: ignore[union-attr]
+        await self._transact([(instance_id, lambda i, tx: _must(i, instance_id).cancel(tx, actor))])
         log.info("#%d cancelled by %s", instance_id, actor or "engine")
 
     async def retry(self, instance_id: int, *, actor: str = "",
                     fields: Mapping[str, Any] | None = None) -> list[str]:
         """Start an instance's failed steps again, after setting ``fields`` (the fix, if it is data)."""
         await self._require(instance_id)
-        names = await self._transact([(instance_id,
-                                        lambda i, tx: i.retry(tx, actor, fields))])  # type: ignore[union-attr]
-        log.info("#%d retried by %s: %s", instance_id, actor or "engine", ", ".join(names[0]))
-        return names[0]  # type: ignore[no-any-return]
+        [names] = await self._transact([(instance_id, lambda i, tx: _must(i, instance_id).retry(tx, actor, fields))])
+        log.info("#%d retried by %s: %s", instance_id, actor or "engine", ", ".join(names))
+        return names
 
     async def pending(self, participant: str | None = None) -> list[Workitem]:
         """Workitems a participant holds (for approvals: what is waiting for answers)."""
@@ -201,7 +235,7 @@ class Engine:
 
     async def instance_count(self, include_finished: bool = False, projects: Sequence[str] | None = None) -> int:
         """How many instances ``instances`` would list without its limit."""
-        return await self.store.count_instances(include_finished, projects)  # type: ignore[no-any-return]
+        return await self.store.count_instances(include_finished, projects)
 
     async def summary(self, instance_id: int) -> InstanceSummary:
         rows = await self.store.load_instances([instance_id])
@@ -219,22 +253,23 @@ class Engine:
             spec: ProcessSpec | None = await self._spec_of(row)
         except EngineError:
             spec = None
-        for path, run in sorted(row.runs.items()):
-            if run["s"] == "active":
+        runs = runs_from_json(row.runs)
+        for path, run in sorted(runs.items()):
+            if run.state is RunState.ACTIVE:
                 continue
             step = spec.steps.get(path) if spec else None
             name = step.name if step else path
             what = f" ({step.participant})" if step and step.participant else ""
-            extra = f" [key {run['k']}]" if "k" in run else ""
-            extra += f" [subprocess #{run['c']}]" if "c" in run else ""
-            extra += f": {run['e']}" if run.get("e") else ""
-            steps.append(f"{name}{what}: {run['s']}{extra}")
+            extra = f" [key {run.key}]" if run.key is not None else ""
+            extra += f" [subprocess #{run.child}]" if run.child is not None else ""
+            extra += f": {run.error}" if run.error else ""
+            steps.append(f"{name}{what}: {run.state.value}{extra}")
         timers = []
         for t in await self.store.timers_of(instance_id):
             step = spec.steps.get(t.path) if spec else None
             timers.append((event_name(t.name) if t.kind == "event" else t.kind,
                            step.name if step else (t.path or "process"), t.due, bool(t.fired)))
-        children = [int(r["c"]) for r in row.runs.values() if "c" in r]
+        children = [r.child for r in runs.values() if r.child is not None]
         return InstanceDetail(self._summary(row), row.fields, steps, timers, children)
 
     async def history(self, instance_id: int) -> list[Event]:
@@ -244,10 +279,7 @@ class Engine:
                 for r in rows]
 
     async def schedules(self) -> list[ScheduleInfo]:
-        stored = await self.store.schedules()
-        due = await self.store.schedule_timers()
-        return [ScheduleInfo(s.name, s.cron, s.process, s.misfire, due.get(s.name),
-                             stored.get(s.name, ("", None))[1]) for s in self.schedule_specs.values()]
+        return await self._schedules.info()
 
     def _summary(self, row: InstanceRow) -> InstanceSummary:
         waiting = ""
@@ -265,20 +297,19 @@ class Engine:
         return iid
 
     def _new_instance(self, iid: int, spec: ProcessSpec, fields: dict[str, Any],
-                      parent: tuple[int, str] | None) -> Instance:
+                      parent: tuple[int, str] | None, now: float) -> Instance:
         merged = dict(spec.fields)
         if spec.project:
             merged["project"] = spec.project
         merged.update(fields)
         project = merged.get("project")
-        now = self.clock.now()
         inst = Instance(iid, spec, merged, parent=parent, created=now, updated=now,
                         project=project if isinstance(project, str) else None)
         self._instances[iid] = inst
         return inst
 
     def _from_row(self, row: InstanceRow, spec: ProcessSpec) -> Instance:
-        return Instance(row.id, spec, row.fields, status=Status(row.status), runs=row.runs,
+        return Instance(row.id, spec, row.fields, status=Status(row.status), runs=runs_from_json(row.runs),
                         parent=(row.parent_id, row.parent_path or "") if row.parent_id else None,
                         project=row.project, created=row.created, updated=row.updated,
                         serial=row.serial, error=row.error)
@@ -372,32 +403,123 @@ class Engine:
             raise NoSuchInstance(f"no instance #{iid}")
         return inst
 
-    async def _transact(self, actions: list[tuple[int, Action]], extra: list[Op] | None = None) -> list[Any]:
-        """Apply ``actions`` to their instances as one atomic transition,
-        commit it (group commit), then announce it."""
-        tx = Transition(self.clock.now(), self._allocate, self.tz)
-        results = []
+    async def _transact(self, actions: Sequence[tuple[int | None, Action[R]]],
+                        extra: Sequence[Op] = ()) -> list[R]:
+        """Apply ``actions`` to their instances as one atomic transition, then
+        commit it (with this pass's others), then announce it.  ``extra``: see
+        ``Transition.extra``."""
+        for attempt in range(1, _ATTEMPTS + 1):
+            await self._applying.acquire()     # no await in fact unless one is half-way
+            tx = Transition(self.clock.now(), self._allocate, self.tz, extra=list(extra))
+            try:
+                results = []
+                for iid, action in actions:
+                    inst = None if iid is None else self._instances.get(iid)
+                    if iid is not None and (inst is None or iid in self._unsettled):
+                        inst = await self._ready(iid)
+                    results.append(action(inst, tx))
+                while tx.followups:
+                    await self._followup(tx, tx.followups.popleft())
+                written = self._queue(tx)
+            except BaseException:
+                # a refusal changes nothing; anything else that breaks off half-way is a
+                # bug, and the half-done changes must not be written by anyone
+                if tx.touched:
+                    self._abandon(tx)
+                self._schedule_submit()    # what others queued meanwhile
+                raise
+            finally:
+                self._applying.release()
+            try:
+                await written
+            except _TryAgain:
+                if attempt < _ATTEMPTS:
+                    continue
+                raise StoreError(f"transition not written: its commit failed {_ATTEMPTS} times") from None
+            self._announce(tx)
+            return results
+        raise AssertionError("unreachable")
+
+    async def _ready(self, iid: int | None) -> Instance | None:
+        """The instance to change, once no commit of an earlier change to it is
+        in flight (a transition must not build on what may yet fail)."""
+        if iid is None:
+            return None
+        while (in_flight := self._unsettled.get(iid)) is not None:
+            await asyncio.wait([in_flight])
+        return await self._get(iid)
+
+    def _queue(self, tx: Transition) -> asyncio.Future[None]:
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pass.append(_Queued(tx, self._ops(tx), written))
+        self._schedule_submit()
+        return written
+
+    def _schedule_submit(self) -> None:
+        if self._pass and not self._submit_due:
+            self._submit_due = True
+            asyncio.get_running_loop().call_soon(self._submit)
+
+    def _submit(self) -> None:
+        """Commit this pass's transitions together: each its own statements, and
+        the rows of the instances they changed, each once, in its final state."""
+        self._submit_due = False
+        if self._applying.locked() or not self._pass:
+            return   # one is half-way: its changes must not be written yet; it submits when done
+        queued, self._pass = self._pass, []
+        instances: dict[int, Instance] = {}
+        for q in queued:
+            instances.update(q.tx.touched)
         try:
-            for iid, action in actions:
-                inst = self._instances.get(iid) or await self._get(iid)
-                results.append(action(inst, tx))
-            while tx.followups:
-                await self._followup(tx, tx.followups.popleft())
-        except EngineError:
-            if tx.touched:  # a refusal after a change is a bug: forget the half-done state
-                self._evict(tx)
-            raise
-        except Exception:
-            self._evict(tx)
-            raise
-        ops = self._ops(tx, extra)
-        try:
-            await self.store.commit(ops)
-        except Exception:
-            self._evict(tx)
-            raise
-        self._announce(tx)
-        return results
+            rows = self.store.instance_op([_row(inst) for inst in instances.values()])
+            committed = self.store.commit(*(q.ops for q in queued), shared=[rows])
+        except Exception as exc:   # not even queued: fails like a commit, so nobody waits for ever
+            committed = asyncio.get_running_loop().create_future()
+            committed.set_exception(exc)
+        for iid in instances:
+            self._unsettled[iid] = committed
+        committed.add_done_callback(functools.partial(self._settle, queued, instances))
+
+    def _settle(self, queued: list[_Queued], instances: dict[int, Instance],
+                committed: asyncio.Future[None]) -> None:
+        """A pass's commit is done: tell its transitions.  After a failure, forget
+        its instances (the next use reads their last committed state); the
+        transitions not to blame are applied again."""
+        for iid in instances:
+            if self._unsettled.get(iid) is committed:
+                del self._unsettled[iid]
+        failure = StoreError("commit cancelled") if committed.cancelled() else committed.exception()
+        blamed: frozenset[int] = frozenset()
+        if failure is not None:
+            for iid, inst in instances.items():
+                if self._instances.get(iid) is inst:
+                    del self._instances[iid]
+            if isinstance(failure, NotWritten):
+                blamed = failure.blamed
+            if blamed and len(queued) > len(blamed):
+                log.warning("%d of %d transitions committed together failed; the others are applied again",
+                            len(blamed), len(queued))
+        for index, q in enumerate(queued):
+            if q.written.done():       # its caller was cancelled
+                continue
+            if failure is None:
+                q.written.set_result(None)
+            elif blamed and index not in blamed:
+                q.written.set_exception(_TryAgain())
+            else:
+                q.written.set_exception(failure)
+
+    def _abandon(self, tx: Transition) -> None:
+        """``tx`` broke off after changing instances.  Forget what it touched,
+        and what this pass's other uncommitted transitions touched (they may
+        have built on it, or it on them): those are applied again."""
+        doomed, self._pass = self._pass, []
+        for q in doomed:
+            q.written.set_exception(_TryAgain())
+        for touched in (tx.touched, *(q.tx.touched for q in doomed)):
+            for iid, inst in touched.items():
+                if self._instances.get(iid) is inst:
+                    del self._instances[iid]
 
     async def _followup(self, tx: Transition, item: Launch | ChildFinished | CancelInstance) -> None:
         if isinstance(item, Launch):
@@ -416,14 +538,14 @@ class Engine:
                     f"cannot start: {item.process!r} would be nested more than {MAX_SUBPROCESS_DEPTH} "
                     "subprocesses deep (a subprocess cycle?)"))
                 return
-            child = self._new_instance(item.instance_id, spec, item.fields, item.parent)
+            child = self._new_instance(item.instance_id, spec, item.fields, item.parent, tx.now)
             child.start(tx, item.actor)
         elif isinstance(item, ChildFinished):
-            parent = await self._get(item.parent_id)
+            parent = await self._ready(item.parent_id)
             if parent is not None:
                 parent.on_child_finished(tx, item)
         else:
-            cancelled = await self._get(item.instance_id)
+            cancelled = await self._ready(item.instance_id)
             if cancelled is not None and not cancelled.status.finished:
                 cancelled.cancel(tx, item.actor)
 
@@ -439,49 +561,30 @@ class Engine:
             iid = inst.parent[0]
         return depth
 
-    def _evict(self, tx: Transition) -> None:
-        for iid in tx.touched:
-            self._instances.pop(iid, None)
-
-    def _ops(self, tx: Transition, extra: list[Op] | None) -> list[Op]:
+    def _ops(self, tx: Transition) -> list[Op]:
+        """The transition's own statements: all it writes but its instances' rows."""
         store = self.store
         ops: list[Op] = []
-        ops.append(store.instance_op([
-            (i.id, i.spec.name, i.status.value, i.parent[0] if i.parent else None,
-             i.parent[1] if i.parent else None, i.project, dumps(i.fields), dumps(i.runs), i.serial,
-             i.error, i.created, i.updated, i.spec.digest or None) for i in tx.touched.values()]))
         if tx.history:
-            ops.append(store.history_op([(e.instance_id, e.at, e.path, e.step, e.event, e.actor, e.detail)
-                                         for e in tx.history]))
+            ops.append(store.history_op(tx.history))
         gone = set(tx.cancelled) | set(tx.closed)
         tx.dispatch = [w for w in tx.dispatch if w.key not in gone]
         if tx.dispatch:
-            ops.append(store.workitem_insert_op([
-                (w.key, w.instance_id, w.process, w.path, w.step, w.participant, dumps(w.params),
-                 dumps(w.fields), tx.now) for w in tx.dispatch]))
+            ops.append(store.workitem_insert_op(tx.dispatch, tx.now))
         if tx.pending:
             ops.append(store.workitem_state_op(tx.pending, "pending"))
         if tx.cancelled:
             ops.append(store.workitem_state_op(tx.cancelled, "cancelling"))
         if tx.closed:
             ops.append(store.workitem_delete_op(tx.closed))
-        for op, key, due in tx.timer_ops:
-            if op == "add":
-                ops.append(store.timer_insert_op([(key.instance_id, key.path, key.kind, key.name, due)]))
-            elif op == "del":
-                ops.append(store.timer_delete_op([(key.instance_id, key.path, key.kind, key.name)]))
-            elif op == "del_step":
-                ops.append(store.timer_delete_step_op([key]))
-            else:
-                ops.append(store.timer_fired_op([(key.instance_id, key.path, key.kind, key.name)]))
-        if extra:
-            ops.extend(extra)
+        ops += store.timer_ops(tx.timer_ops)
+        ops += tx.extra
         return ops
 
     def _announce(self, tx: Transition) -> None:
         for iid, inst in tx.touched.items():
-            if inst.status.finished:
-                self._instances.pop(iid, None)
+            if inst.status.finished and self._instances.get(iid) is inst:
+                del self._instances[iid]
         self.bus.publish(tx.history)
         for wi in tx.dispatch:
             self._spawn(self._consume(wi))
@@ -493,9 +596,7 @@ class Engine:
         for timer, key in tx.deliveries:
             if key not in gone:   # a step cancelled in the same batch hears no more reminders
                 self._spawn(self._deliver_timer(timer, key))
-        dues = [due for op, _key, due in tx.timer_ops if op == "add"]
-        if dues:
-            self.timers.notify(min(dues))
+        self.timers.note(tx.timer_ops)
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -565,85 +666,34 @@ class Engine:
                         timer.instance_id, row.step if row else timer.path, timer.event, reply.kind)
             reply = None
         if reply is None or row is None:
-            await self.store.commit([self.store.timer_delete_op(
-                [(timer.instance_id, timer.path, timer.kind, timer.name)])])
+            await self.store.commit(self.store.timer_ops([DropTimer(timer)]))
             return
         path, wkey, answer, actor = row.path, row.key, reply, f"timer {timer.event}"
 
         def act(inst: Instance | None, tx: Transition) -> bool:
-            tx.timer_ops.append(("del", timer, 0.0))   # first: the answer may re-arm the same timer
+            tx.timer_ops.append(DropTimer(timer))   # first: the answer may re-arm the same timer
             return inst.on_reply(tx, path, wkey, answer, actor) if inst else False
         await self._transact([(timer.instance_id, act)])
 
-    # -- timers and schedules ----------------------------------------------------
+    # -- timers ------------------------------------------------------------------
 
     async def _fire_timers(self, rows: list[TimerRow]) -> None:
-        steps = [r for r in rows if r.instance_id != 0]
+        steps = [r for r in rows if r.instance_id != SCHEDULE_OWNER]
         for row in rows:
-            if row.instance_id == 0:
-                await self._fire_schedule(row)
+            if row.instance_id == SCHEDULE_OWNER:
+                await self._schedules.fire(row)
         if not steps:
             return
         await self._load(r.instance_id for r in steps)   # one read for the whole batch
 
-        def on_timer(row: TimerRow) -> Action:
-            key = TimerKey(row.instance_id, row.path, row.kind, row.name)
-
+        def on_timer(key: TimerKey) -> Action[None]:
             def act(inst: Instance | None, tx: Transition) -> None:
                 if inst is None or inst.status.finished:
-                    tx.timer_ops.append(("del", key, 0.0))
+                    tx.timer_ops.append(DropTimer(key))
                 else:
                     inst.on_timer(tx, key)
             return act
-        await self._transact([(r.instance_id, on_timer(r)) for r in steps])
-
-    async def _fire_schedule(self, row: TimerRow) -> None:
-        spec = self.schedule_specs.get(row.path)
-        if spec is None:
-            await self.store.commit(self.store.schedule_forget_op(row.path))
-            return
-        now = self.clock.now()
-        nxt = next_cron(spec.cron, now, spec.timezone)
-        process = self.specs.get(spec.process)
-        if process is None:
-            log.error("schedule %s: process %r is not defined; skipped", spec.name, spec.process)
-            await self.store.commit(self.store.schedule_ops(spec.name, spec.rule, None, nxt))
-            return
-        inst = self._new_instance(self._allocate(), process, dict(spec.fields), None)
-        actor = f"schedule {spec.name}"
-        await self._transact([(inst.id, lambda i, tx: i.start(tx, actor))],  # type: ignore[union-attr]
-                             extra=self.store.schedule_ops(spec.name, spec.rule, now, nxt))
-        self.timers.notify(nxt)
-        log.info("#%d %s launched by schedule %s (late by %.1f s); next run %s", inst.id, spec.process,
-                 spec.name, max(0.0, now - row.due), _iso(nxt))
-
-    async def _sync_schedules(self) -> None:
-        stored = await self.store.schedules()
-        due = await self.store.schedule_timers()
-        now = self.clock.now()
-        ops: list[Op] = []
-        for spec in self.schedule_specs.values():
-            known = stored.get(spec.name)
-            when = due.get(spec.name)
-            if known is None or known[0] != spec.rule or when is None:
-                nxt = next_cron(spec.cron, now, spec.timezone)
-                ops += self.store.schedule_ops(spec.name, spec.rule, None, nxt)
-                log.info("schedule %s (%s -> %s): next run %s", spec.name, spec.rule, spec.process, _iso(nxt))
-            elif when <= now:
-                if spec.misfire == "run_once":
-                    log.warning("schedule %s missed its run at %s while the bot was down; "
-                                "running it once now (misfire: run_once)", spec.name, _iso(when))
-                else:
-                    nxt = next_cron(spec.cron, now, spec.timezone)
-                    ops += self.store.schedule_ops(spec.name, spec.rule, None, nxt)
-                    log.warning("schedule %s missed its run at %s while the bot was down; skipped "
-                                "(misfire: skip); next run %s", spec.name, _iso(when), _iso(nxt))
-        for name in stored:
-            if name not in self.schedule_specs:
-                ops += self.store.schedule_forget_op(name)
-                log.info("schedule %s is no longer configured; forgotten", name)
-        if ops:
-            await self.store.commit(ops)
+        await self._transact([(r.instance_id, on_timer(r.key)) for r in steps])
 
 
 def _parse_key(key: str) -> tuple[int, str]:
@@ -659,6 +709,15 @@ def _workitem(row: WorkitemRow) -> Workitem:
                     row.params, row.fields)
 
 
-def _iso(ts: float) -> str:
-    from time import gmtime, strftime
-    return strftime("%Y-%m-%d %H:%M:%SZ", gmtime(ts))
+def _must(inst: Instance | None, iid: int) -> Instance:
+    if inst is None:
+        raise NoSuchInstance(f"no instance #{iid}")
+    return inst
+
+
+def _row(inst: Instance) -> InstanceRow:
+    """The instance as the store writes it."""
+    parent_id, parent_path = inst.parent if inst.parent else (None, None)
+    return InstanceRow(inst.id, inst.spec.name, inst.status.value, parent_id, parent_path, inst.project,
+                       inst.fields, runs_to_json(inst.runs), inst.serial, inst.error, inst.created, inst.updated,
+                       inst.spec.digest or None)

@@ -6,10 +6,8 @@ workitems, timers, history) and what must be done after the commit
 (dispatch, cancel, launch or notify other instances).  ``Engine`` commits a
 transition, then announces it.
 
-An instance keeps one *run* per active step in ``runs`` (path -> small dict,
-stored as JSON): ``s`` state, ``g`` generation (unique per start, so stale
-replies and notifications are recognised), ``a`` attempt, ``i`` position,
-``k`` dispatch key, ``c`` child instance id, ``bf``/``done`` for concurrence.
+An instance keeps one ``StepRun`` per active step in ``runs`` (path -> run;
+see ``engine.runs`` for its fields and stored form).
 """
 from __future__ import annotations
 
@@ -18,14 +16,19 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone, tzinfo
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from engine.definitions import ProcessSpec, StepSpec
+from engine.durations import MAX_DURATION, MAX_DURATION_TEXT, format_duration
 from engine.errors import NotAllowedNow
 from engine.events import Event
 from engine.participants import Reply, Workitem
-from engine.durations import MAX_DURATION, MAX_DURATION_TEXT
+from engine.runs import RunState, StepRun
 from engine.templating import TemplateProblem, evaluate, render
+from engine.timerops import ArmTimer, DropStepTimers, DropTimer, MarkFired, TimerKey, TimerOp
+
+if TYPE_CHECKING:
+    from engine.store import Op
 
 
 class Status(str, enum.Enum):
@@ -44,27 +47,9 @@ class Status(str, enum.Enum):
 FINISHED = frozenset({Status.COMPLETED, Status.TERMINATED, Status.CANCELLED})
 ACTIVE = frozenset({Status.RUNNING, Status.WAITING, Status.FAILED})
 
-# Run states
-DISPATCHED, PENDING, ACTIVE_RUN, WAITING, BACKOFF, HANDLING, FAILED_RUN = (
-    "dispatched", "pending", "active", "waiting", "backoff", "handling", "failed")
-
-
-@dataclass(frozen=True)
-class TimerKey:
-    instance_id: int
-    path: str
-    kind: str        # timeout | wait | retry | event | schedule
-    name: str = ""   # event timers: the name, plus "#N" for its Nth use in one step
-
-    @property
-    def event(self) -> str:
-        """What the participant is told: the name as the definition gives it."""
-        return event_name(self.name)
-
-
-def event_name(stored: str) -> str:
-    """'remind#2' (the second 'remind' of a step) -> 'remind'."""
-    return stored.partition("#")[0]
+OPEN = (RunState.DISPATCHED, RunState.PENDING)      # a workitem is out: a participant may answer
+_WAITING_ON = {RunState.DISPATCHED: "running", RunState.PENDING: "pending", RunState.WAITING: "waiting",
+               RunState.BACKOFF: "retry backoff", RunState.HANDLING: "error handler", RunState.FAILED: "failed"}
 
 
 @dataclass
@@ -98,20 +83,21 @@ class Transition:
     """Everything one unit of work writes (atomically) and then announces."""
 
     now: float
-    allocate_id: Any                       # () -> int, for subprocess instances
+    allocate_id: Callable[[], int]         # for new instances (subprocesses)
     tz: tzinfo = timezone.utc              # for "wait: {until: '02:00'}"
-    touched: dict[int, "Instance"] = field(default_factory=dict)
+    touched: dict[int, Instance] = field(default_factory=dict)
     history: list[Event] = field(default_factory=list)
     dispatch: list[Workitem] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)
     closed: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)     # workitems whose participant must be told
-    # timer changes in the order they happened: ("add", key, due), ("del", key),
-    # ("del_step", (instance, path)), ("fired", key)
-    timer_ops: list[tuple[str, Any, float]] = field(default_factory=list)
+    timer_ops: list[TimerOp] = field(default_factory=list)  # in the order they happened
     deliveries: list[tuple[TimerKey, str]] = field(default_factory=list)  # event timer -> dispatch key
     followups: deque[Launch | ChildFinished | CancelInstance] = field(default_factory=deque)
-    extra: list[Any] = field(default_factory=list)          # store-level ops (schedules)
+    extra: list[Op] = field(default_factory=list)
+    """Store-level ops written in the same commit as the transition (a
+    schedule's bookkeeping with the launch it made; rows of the durable
+    outbox): they are durable exactly when the transition is."""
 
 
 class Instance:
@@ -119,7 +105,7 @@ class Instance:
                  "updated", "serial", "error", "tx", "_queue")
 
     def __init__(self, iid: int, spec: ProcessSpec, fields: dict[str, Any], *,
-                 status: Status = Status.RUNNING, runs: dict[str, dict[str, Any]] | None = None,
+                 status: Status = Status.RUNNING, runs: dict[str, StepRun] | None = None,
                  parent: tuple[int, str] | None = None, project: str | None = None,
                  created: float = 0.0, updated: float = 0.0, serial: int = 0,
                  error: str = "") -> None:
@@ -148,12 +134,12 @@ class Instance:
     def on_reply(self, tx: Transition, path: str, key: str, reply: Reply, actor: str = "") -> bool:
         """Apply a participant's answer; False if the workitem is no longer open."""
         run = self.runs.get(path)
-        if run is None or run.get("k") != key or run["s"] not in (DISPATCHED, PENDING):
+        if run is None or run.key != key or run.state not in OPEN:
             return False
         self._begin(tx)
         step = self.spec.steps[path]
         tx.closed.append(key)
-        del run["k"]
+        run.key = None
         if reply.kind == "done":
             self._scope(step).update(reply.fields)
             self._history(step, "done", actor, _brief(reply.fields))
@@ -165,10 +151,10 @@ class Instance:
 
     def on_pending(self, tx: Transition, path: str, key: str) -> bool:
         run = self.runs.get(path)
-        if run is None or run.get("k") != key or run["s"] != DISPATCHED:
+        if run is None or run.key != key or run.state is not RunState.DISPATCHED:
             return False
         self._begin(tx)
-        run["s"] = PENDING
+        run.state = RunState.PENDING
         tx.pending.append(key)
         self._history(self.spec.steps[path], "pending")
         self._end()
@@ -182,35 +168,36 @@ class Instance:
         step = self.spec.steps.get(timer.path)
         if timer.kind == "event":
             # an event timer stays (marked fired) until the participant has it: at-least-once
-            if run is not None and step is not None and run["s"] in (DISPATCHED, PENDING):
+            if run is not None and step is not None and run.state in OPEN and run.key is not None:
                 self._history(step, f"timer {timer.event}")
-                tx.timer_ops.append(("fired", timer, 0.0))
-                tx.deliveries.append((timer, run["k"]))
+                tx.timer_ops.append(MarkFired(timer))
+                tx.deliveries.append((timer, run.key))
             else:
-                tx.timer_ops.append(("del", timer, 0.0))
+                tx.timer_ops.append(DropTimer(timer))
             self._end()
             return
-        tx.timer_ops.append(("del", timer, 0.0))   # before anything re-arms the same timer
+        tx.timer_ops.append(DropTimer(timer))   # before anything re-arms the same timer
         if run is not None and step is not None:
-            if timer.kind == "timeout" and run["s"] not in (FAILED_RUN, BACKOFF, HANDLING):
-                self._timeout(step, run)
-            elif timer.kind == "wait" and run["s"] == WAITING and step.kind == "wait":
+            if timer.kind == "timeout" and run.state not in (RunState.FAILED, RunState.BACKOFF,
+                                                              RunState.HANDLING):
+                self._timeout(step)
+            elif timer.kind == "wait" and run.state is RunState.WAITING and step.kind == "wait":
                 self._history(step, "wait over")
                 self._finish(step)
-            elif timer.kind == "retry" and run["s"] == BACKOFF:
-                self._history(step, "retrying", detail=f"attempt {run.get('a', 0) + 1}")
-                self._start(step, run.get("a", 0))
+            elif timer.kind == "retry" and run.state is RunState.BACKOFF:
+                self._history(step, "retrying", detail=f"attempt {run.attempt + 1}")
+                self._start(step, run.attempt)
         self._end()
 
     def on_child_finished(self, tx: Transition, note: ChildFinished) -> None:
         run = self.runs.get(note.parent_path)
-        if run is None or run.get("c") != note.child_id:
+        if run is None or run.child != note.child_id:
             return  # the step moved on (cancelled, retried): nothing waits for this child
         self._begin(tx)
         step = self.spec.steps[note.parent_path]
         if note.ok:
-            del run["c"]
-            what = "handler" if run["s"] == HANDLING else "subprocess"
+            run.child = None
+            what = "handler" if run.state is RunState.HANDLING else "subprocess"
             fields = note.fields
             if what == "handler":
                 # ``error`` described the failure to the handler; the failure is dealt
@@ -220,9 +207,9 @@ class Instance:
             self._scope(step).update(fields)
             self._history(step, f"{what} done", detail=f"#{note.child_id}")
             self._finish(step)
-        elif run["s"] != FAILED_RUN:
+        elif run.state is not RunState.FAILED:
             message = f"subprocess #{note.child_id} {note.error}"
-            if run["s"] == HANDLING:
+            if run.state is RunState.HANDLING:
                 # the handler stays tracked: retrying the step cancels it, and retrying
                 # the handler itself resumes the step
                 self._fail(step, message, start=self.spec.parent(step.path), keep_child=True)
@@ -244,7 +231,7 @@ class Instance:
     def retry(self, tx: Transition, actor: str, fields: Mapping[str, Any] | None = None) -> list[str]:
         """Start the failed steps again.  ``fields`` are the fix, when the fix is
         data (a missing or wrong field): set where each failed step reads them."""
-        failed = [p for p, r in self.runs.items() if r["s"] == FAILED_RUN]
+        failed = [p for p, r in self.runs.items() if r.state is RunState.FAILED]
         if not failed:
             raise NotAllowedNow(f"#{self.id} has no failed step to retry (it is {self.status.value})")
         self._begin(tx)
@@ -263,24 +250,15 @@ class Instance:
 
     # -- views -----------------------------------------------------------------
 
-    def active_steps(self) -> list[tuple[StepSpec, dict[str, Any]]]:
+    def active_steps(self) -> list[tuple[StepSpec, StepRun]]:
         """Leaf runs: what the instance waits on now."""
-        out = []
-        for path, run in self.runs.items():
-            if run["s"] != ACTIVE_RUN:
-                out.append((self.spec.steps[path], run))
-        return out
+        return [(self.spec.steps[path], run) for path, run in self.runs.items() if run.state is not RunState.ACTIVE]
 
     def waiting_on(self) -> str:
         parts = []
         for step, run in self.active_steps():
-            what = {DISPATCHED: "running", PENDING: "pending", WAITING: "waiting",
-                    BACKOFF: "retry backoff", HANDLING: "error handler", FAILED_RUN: "failed"}[run["s"]]
-            parts.append(f"{step.name} {what}" + (f": {run['e']}" if run.get("e") else ""))
+            parts.append(f"{step.name} {_WAITING_ON[run.state]}" + (f": {run.error}" if run.error else ""))
         return "; ".join(parts)
-
-    def scope_fields(self, step: StepSpec) -> dict[str, Any]:
-        return self._scope(step)
 
     # -- internals ---------------------------------------------------------------
 
@@ -292,21 +270,22 @@ class Instance:
         while self._queue:
             ppath, gen, child = self._queue.popleft()
             prun = self.runs.get(ppath)
-            if prun is not None and prun["g"] == gen and prun["s"] == ACTIVE_RUN:
+            if prun is not None and prun.generation == gen and prun.state is RunState.ACTIVE:
                 self._child_done(self.spec.steps[ppath], prun, child)
         if self.error and self.status is not Status.CANCELLED and not any(
-                r["s"] == FAILED_RUN for r in self.runs.values()):
+                r.state is RunState.FAILED for r in self.runs.values()):
             self.error = ""   # the failure it described is gone (retried, skipped, branch dropped)
         if self.status not in FINISHED:
-            states = {r["s"] for r in self.runs.values()}
-            if FAILED_RUN in states:
+            states = {r.state for r in self.runs.values()}
+            if RunState.FAILED in states:
                 self.status = Status.FAILED
-            elif DISPATCHED in states:
+            elif RunState.DISPATCHED in states:
                 self.status = Status.RUNNING
             else:
                 self.status = Status.WAITING
         assert self.tx is not None
         self.updated = self.tx.now
+        self.tx = None   # the transition refers to the instance: no cycle left for the GC to find
 
     def _history(self, step: StepSpec | None, event: str, actor: str = "", detail: str = "") -> None:
         assert self.tx is not None
@@ -317,33 +296,33 @@ class Instance:
         if step.scope is None:
             return self.fields
         cpath, branch = step.scope
-        return self.runs[cpath]["bf"][str(branch)]
+        branches = self.runs[cpath].branch_fields
+        assert branches is not None   # every run of a concurrence has them
+        return branches[branch]
 
     def _timer(self, path: str, kind: str, due: float, name: str = "") -> None:
         assert self.tx is not None
-        self.tx.timer_ops.append(("add", TimerKey(self.id, path, kind, name), due))
-        self.runs[path]["t"] = 1
+        self.tx.timer_ops.append(ArmTimer(TimerKey(self.id, path, kind, name), due))
+        self.runs[path].has_timers = True
 
     def _start(self, step: StepSpec, attempt: int = 0) -> None:
         assert self.tx is not None
         self.serial += 1
-        run: dict[str, Any] = {"s": ACTIVE_RUN, "g": self.serial}
-        if attempt:
-            run["a"] = attempt
+        run = StepRun(RunState.ACTIVE, self.serial, attempt)
         self.runs[step.path] = run
         if step.timeout is not None:
             self._timer(step.path, "timeout", self.tx.now + step.timeout)
         kind = step.kind
         try:
             if kind == "sequence":
-                run["i"] = 0
+                run.position = 0
                 self._start(step.children[0])
             elif kind == "participant":
                 self._dispatch(step, run)
             elif kind == "concurrence":
                 scope = self._scope(step)
-                run["bf"] = {str(i): copy.deepcopy(scope) for i in range(len(step.children))}
-                run["done"] = []
+                run.branch_fields = {i: copy.deepcopy(scope) for i in range(len(step.children))}
+                run.branches_done = []
                 for child in step.children:
                     if self.runs.get(step.path) is not run:
                         break
@@ -356,13 +335,13 @@ class Instance:
                 else:
                     self._finish(step)
             elif kind == "wait":
-                run["s"] = WAITING
+                run.state = RunState.WAITING
                 self._timer(step.path, "wait", self._wait_due(step))
             elif kind == "repeat":
-                run["i"] = 0
+                run.position = 0
                 self._start(step.children[0])
             elif kind == "subprocess":
-                run["s"] = WAITING
+                run.state = RunState.WAITING
                 fields = dict(self._scope(step))
                 fields.update(render(step.params or {}, fields))
                 self._launch_child(step, step.process or "", fields, run)
@@ -380,13 +359,13 @@ class Instance:
             if step.path in self.runs:
                 self._fail(step, str(exc))
 
-    def _dispatch(self, step: StepSpec, run: dict[str, Any]) -> None:
+    def _dispatch(self, step: StepSpec, run: StepRun) -> None:
         assert self.tx is not None
         scope = self._scope(step)
         params = render(step.params or {}, scope)
-        key = f"{self.id}:{step.path}:{run['g']}"
-        run["s"] = DISPATCHED
-        run["k"] = key
+        key = f"{self.id}:{step.path}:{run.generation}"
+        run.state = RunState.DISPATCHED
+        run.key = key
         self.tx.dispatch.append(Workitem(key, self.id, self.spec.name, step.path, step.name,
                                          step.participant or "", params, copy.deepcopy(scope)))
         uses: dict[str, int] = {}
@@ -418,95 +397,97 @@ class Instance:
             raise TemplateProblem(f"wait until: {text!r} is more than {MAX_DURATION_TEXT} away")
         return due.timestamp()
 
-    def _launch_child(self, step: StepSpec, process: str, fields: dict[str, Any],
-                      run: dict[str, Any]) -> None:
+    def _launch_child(self, step: StepSpec, process: str, fields: dict[str, Any], run: StepRun) -> None:
         assert self.tx is not None
         child_id = self.tx.allocate_id()
-        run["c"] = child_id
+        run.child = child_id
         self.tx.followups.append(Launch(child_id, process, fields, (self.id, step.path),
                                         f"#{self.id} {step.name}"))
         self._history(step, "subprocess", detail=f"{process} #{child_id}")
 
     def _finish(self, step: StepSpec) -> None:
         run = self.runs.pop(step.path)
-        if "t" in run:
+        if run.has_timers:
             assert self.tx is not None
-            self.tx.timer_ops.append(("del_step", (self.id, step.path), 0.0))
+            self.tx.timer_ops.append(DropStepTimers(self.id, step.path))
         if step.path == "":
             self._complete()
             return
         parent = self.spec.parents[step.path]
         prun = self.runs.get(parent)
         if prun is not None:
-            self._queue.append((parent, prun["g"], step))
+            self._queue.append((parent, prun.generation, step))
 
-    def _child_done(self, parent: StepSpec, prun: dict[str, Any], child: StepSpec) -> None:
+    def _child_done(self, parent: StepSpec, prun: StepRun, child: StepSpec) -> None:
         kind = parent.kind
         if kind == "sequence":
             index = int(child.path.rsplit(".", 1)[-1])
             if index + 1 < len(parent.children):
-                prun["i"] = index + 1
+                prun.position = index + 1
                 self._start(parent.children[index + 1])
             else:
                 self._finish(parent)
         elif kind == "if":
             self._finish(parent)
         elif kind == "repeat":
-            prun["i"] += 1
+            iterations = prun.position = (prun.position or 0) + 1
             try:
                 stop = bool(parent.condition) and bool(evaluate(parent.condition or "", self._scope(parent)))
             except TemplateProblem as exc:
                 self._fail(parent, str(exc))
                 return
-            if stop or prun["i"] >= parent.max:
-                self._history(parent, "repeat ended", detail=f"after {prun['i']} iteration(s)"
+            if stop or iterations >= parent.max:
+                self._history(parent, "repeat ended", detail=f"after {iterations} iteration(s)"
                               + ("" if stop else " (max reached)"))
                 self._finish(parent)
             else:
                 self._start(parent.children[0])
         elif kind == "concurrence":
             branch = int(child.path.rsplit(".", 1)[-1])
-            prun["done"].append(branch)
+            order = prun.branches_done
+            branches = prun.branch_fields
+            assert order is not None and branches is not None   # set when the concurrence started
+            order.append(branch)
             n = len(parent.children)
             needed = n if parent.wait_for == "all" else 1 if parent.wait_for == "any" else int(parent.wait_for)
-            if len(prun["done"]) >= needed:
+            if len(order) >= needed:
                 scope = self._scope(parent)
-                order = prun["done"]
                 chosen = {"union": order, "first": order[:1], "last": order[-1:], "none": []}[parent.merge]
                 # a branch contributes what it changed, so one that left a field
                 # alone never overwrites a sibling's new value with the old one
                 merged: dict[str, Any] = {}
                 for b in chosen:
-                    for k, v in prun["bf"][str(b)].items():
+                    for k, v in branches[b].items():
                         if k not in scope or scope[k] != v:
                             merged[k] = v
                 for other in parent.children:
                     if other.path in self.runs:
                         prefix = other.path + "."
                         for path, run in list(self.runs.items()):
-                            if path.startswith(prefix) and run["s"] != ACTIVE_RUN:
+                            if path.startswith(prefix) and run.state is not RunState.ACTIVE:
                                 self._history(self.spec.steps[path], "cancelled",
                                               detail=f"{parent.name} has what it waits for")
                         self._cancel_below(other.path, drop=True)
                 scope.update(merged)
                 self._finish(parent)
 
-    def _timeout(self, step: StepSpec, run: dict[str, Any]) -> None:
+    def _timeout(self, step: StepSpec) -> None:
         policy = step.on_timeout
-        self._history(step, "timed out", detail=f"after {_human(step.timeout or 0)}")
+        after = format_duration(step.timeout or 0)
+        self._history(step, "timed out", detail=f"after {after}")
         if policy.kind == "error":
-            self._fail(step, f"timed out after {_human(step.timeout or 0)}")
+            self._fail(step, f"timed out after {after}")
         elif policy.kind == "skip":
             self._cancel_below(step.path, drop=False)
             self._history(step, "skipped", detail="on timeout")
             self._finish(step)
         else:
             self._cancel_below(step.path, drop=False)
-            self._handle(step, policy.subprocess or "", f"timed out after {_human(step.timeout or 0)}")
+            self._handle(step, policy.subprocess or "", f"timed out after {after}")
 
     def _handle(self, step: StepSpec, process: str, message: str) -> None:
         run = self.runs[step.path]
-        run["s"] = HANDLING
+        run.state = RunState.HANDLING
         fields = dict(self._scope(step))
         fields["error"] = {"message": message, "step": step.name, "instance": self.id}
         self._launch_child(step, process, fields, run)
@@ -517,22 +498,22 @@ class Instance:
         decides; with none, the step is marked failed (retry-able)."""
         assert self.tx is not None
         self._history(step, "error", actor, message)
-        at: StepSpec | None = step if start is True else (start or None)  # type: ignore[assignment]
+        at: StepSpec | None = step if start is True else (start or None)
         while at is not None:
             policy = at.on_error
             if policy is not None and policy.kind != "error":
-                run = self.runs.get(at.path, {})
-                attempt = run.get("a", 0)
+                current = self.runs.get(at.path)
+                attempt = current.attempt if current is not None else 0
                 action = policy
                 if policy.kind == "retry":
                     if attempt < policy.retries:
                         delay = min(policy.backoff * (2 ** attempt), MAX_DURATION)
                         self._cancel_below(at.path, drop=True)
                         self.serial += 1
-                        self.runs[at.path] = {"s": BACKOFF, "g": self.serial, "a": attempt + 1}
+                        self.runs[at.path] = StepRun(RunState.BACKOFF, self.serial, attempt + 1)
                         self._timer(at.path, "retry", self.tx.now + delay)
-                        self._history(at, "retry scheduled",
-                                      detail=f"attempt {attempt + 2} of {policy.retries + 1} in {_human(delay)}")
+                        self._history(at, "retry scheduled", detail=f"attempt {attempt + 2} of "
+                                      f"{policy.retries + 1} in {format_duration(delay)}")
                         return
                     action = policy.then or policy
                 if action.kind == "skip":
@@ -546,14 +527,13 @@ class Instance:
                     return
             at = self.spec.parent(at.path)
         # nobody handles it: the step stays failed until someone retries it
-        failed = self.runs.get(step.path)
-        if failed is None:
+        run = self.runs.get(step.path)
+        if run is None:
             return
-        run = failed
         if not keep_child:
             self._cancel_below(step.path, drop=False)
-        run["s"] = FAILED_RUN
-        run["e"] = message[:500]
+        run.state = RunState.FAILED
+        run.error = message[:500]
         self.error = f"{step.name}: {message}"[:500]
         self._history(step, "failed", actor, message)
         if self.parent:
@@ -567,16 +547,19 @@ class Instance:
         prefix = path + "." if path else ""
         for p in [p for p in self.runs if p == path or p.startswith(prefix)]:
             run = self.runs[p]
-            if "k" in run and run["s"] in (DISPATCHED, PENDING):
-                self.tx.cancelled.append(run.pop("k"))
-            if "c" in run:
-                self.tx.followups.append(CancelInstance(run.pop("c"), f"#{self.id} (step cancelled)"))
-            if run.pop("t", None):
-                self.tx.timer_ops.append(("del_step", (self.id, p), 0.0))
+            if run.key is not None and run.state in OPEN:
+                self.tx.cancelled.append(run.key)
+                run.key = None
+            if run.child is not None:
+                self.tx.followups.append(CancelInstance(run.child, f"#{self.id} (step cancelled)"))
+                run.child = None
+            if run.has_timers:
+                run.has_timers = False
+                self.tx.timer_ops.append(DropStepTimers(self.id, p))
             if p != path or drop:
                 del self.runs[p]
             else:
-                run["s"] = ACTIVE_RUN
+                run.state = RunState.ACTIVE
 
     def _terminate(self, step: StepSpec, message: str) -> None:
         assert self.tx is not None
@@ -604,10 +587,3 @@ def _brief(values: Mapping[str, Any], limit: int = 160) -> str:
         return ""
     text = ", ".join(f"{k}={v!r}" for k, v in values.items())
     return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _human(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{seconds:g}s"

@@ -8,10 +8,14 @@ and holds it until ``close`` (or the process dies: the kernel drops it, so a
 killed bot never blocks its own restart).  Two bots on one database would run
 every step and timer twice.
 
-Group commit: transitions queued while the disk is busy are written in one
-transaction, each inside its own savepoint (atomic: all of it or none), and
-none is acknowledged before that COMMIT returns.  A lone transition is
-written at once, never held back waiting for company.
+Group commit: commits queued while the disk is busy are written in one
+transaction, and none is acknowledged before that COMMIT returns.  A lone
+commit is written at once, never held back waiting for company.  Each commit
+is atomic: all of it or none.  If the transaction fails, its commits are
+written again one by one, each in its own savepoint, so one bad commit cannot
+take the others down.  A commit may hold several transitions that stand or
+fall together (they changed the same instance, whose row is written once for
+all of them): it then fails whole, naming the transitions to blame.
 """
 from __future__ import annotations
 
@@ -26,11 +30,16 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeVar
+
+from engine.events import Event
+from engine.participants import Workitem
+from engine.timerops import ArmTimer, DropStepTimers, DropTimer, TimerKey, TimerOp
 
 log = logging.getLogger(__name__)
 
-Op = tuple[str, Sequence[Any] | list[Sequence[Any]], bool]   # (sql, params, executemany)
+Op = tuple[str, Sequence[Any], bool]   # (sql, params, executemany: then params is a sequence of rows)
+T = TypeVar("T")
 
 MIGRATIONS: list[str] = [
     # 1: the engine's tables
@@ -114,7 +123,7 @@ class InstanceRow:
     parent_path: str | None
     project: str | None
     fields: dict[str, Any]
-    runs: dict[str, Any]
+    runs: dict[str, Any]         # path -> a StepRun in its stored form (engine.runs)
     serial: int
     error: str
     created: float
@@ -130,6 +139,10 @@ class TimerRow:
     name: str
     due: float
     fired: bool
+
+    @property
+    def key(self) -> TimerKey:
+        return TimerKey(self.instance_id, self.path, self.kind, self.name)
 
 
 @dataclass(frozen=True)
@@ -162,6 +175,25 @@ class StoreError(Exception):
     The message is one line, naming the database and the problem."""
 
 
+class NotWritten(StoreError):
+    """A commit was not written.  ``blamed``: the parts (transitions) whose own
+    statements failed; the commit's other parts may be tried again.  Empty when
+    no part is to blame (what they shared failed)."""
+
+    def __init__(self, message: str, blamed: frozenset[int] = frozenset()) -> None:
+        super().__init__(message)
+        self.blamed = blamed
+
+
+@dataclass(slots=True)
+class _Commit:
+    """One atomic unit in the writer's queue."""
+    parts: Sequence[Sequence[Op]]     # each transition's own statements
+    shared: Sequence[Op]              # what the parts wrote in common: written only with all of them
+    future: asyncio.Future[None]
+    loop: asyncio.AbstractEventLoop
+
+
 _dumps = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 
@@ -175,8 +207,8 @@ class Store:
         if synchronous.upper() not in ("FULL", "NORMAL", "OFF", "EXTRA"):
             raise ValueError(f"bad synchronous mode {synchronous!r}")
         self.synchronous = synchronous.upper()
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._outgoing: list[Any] = []
+        self._queue: queue.SimpleQueue[list[_Commit] | None] = queue.SimpleQueue()
+        self._outgoing: list[_Commit] = []
         self._writer: threading.Thread | None = None
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="store-read")
         self._read_conn: sqlite3.Connection | None = None
@@ -273,18 +305,20 @@ class Store:
 
     # -- writing -----------------------------------------------------------------
 
-    def commit(self, ops: list[Op]) -> "asyncio.Future[None]":
-        """Queue one atomic transition; the future resolves once it is durable.
+    def commit(self, *parts: Sequence[Op], shared: Sequence[Op] = ()) -> asyncio.Future[None]:
+        """Queue one atomic commit: one transition's statements (``commit(ops)``),
+        or several transitions' (a ``part`` each) and the statements they
+        share.  The future resolves once it is durable.
 
-        Transitions queued during one pass of the event loop go to the writer
+        Commits queued during one pass of the event loop go to the writer
         together at the end of that pass (``call_soon``): everything that
-        became ready at once shares one fsync, and a lone transition waits
-        for nothing but the current pass to finish."""
+        became ready at once shares one fsync, and a lone commit waits for
+        nothing but the current pass to finish."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         if not self._outgoing:
             loop.call_soon(self._flush)
-        self._outgoing.append((ops, future, loop))
+        self._outgoing.append(_Commit(parts, shared, future, loop))
         return future
 
     def _flush(self) -> None:
@@ -315,76 +349,64 @@ class Store:
         finally:
             conn.close()
 
-    def _write_batch(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
+    def _write_batch(self, conn: sqlite3.Connection, batch: list[_Commit]) -> None:
         try:
             self._write_fast(conn, batch)
             outcomes: list[BaseException | None] = [None] * len(batch)
         except sqlite3.Error:
             outcomes = self._write_isolated(conn, batch)
-        by_loop: dict[Any, list[tuple[asyncio.Future[None], BaseException | None]]] = {}
-        for (ops, future, loop), outcome in zip(batch, outcomes):
-            by_loop.setdefault(loop, []).append((future, outcome))
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[None], BaseException | None]]] = {}
+        for commit, outcome in zip(batch, outcomes):
+            by_loop.setdefault(commit.loop, []).append((commit.future, outcome))
         for loop, results in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_resolve, results)
             except RuntimeError:  # loop closed: nobody waits any more
                 pass
 
-    def _write_fast(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
+    def _write_fast(self, conn: sqlite3.Connection, batch: list[_Commit]) -> None:
         """The whole batch in one transaction.  Instance rows and history rows
         are only ever written by these two statements, so each is gathered
         into one executemany (relative order kept); every other statement runs
         in its transition's order."""
-        instance_rows: list[Any] = []
-        history_rows: list[Any] = []
+        instance_rows: list[Sequence[Any]] = []
+        history_rows: list[Sequence[Any]] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for ops, _future, _loop in batch:
-                for sql, params, many in ops:
-                    if sql is _INSTANCE_SQL:
-                        instance_rows.extend(params)  # type: ignore[arg-type]
-                    elif sql is _HISTORY_SQL:
-                        history_rows.extend(params)  # type: ignore[arg-type]
-                    elif many:
-                        conn.executemany(sql, params)  # type: ignore[arg-type]
-                    else:
-                        conn.execute(sql, params)
+            for commit in batch:
+                for ops in (*commit.parts, commit.shared):
+                    for sql, params, many in ops:
+                        if sql is _INSTANCE_SQL:
+                            instance_rows.extend(params)
+                        elif sql is _HISTORY_SQL:
+                            history_rows.extend(params)
+                        elif many:
+                            conn.executemany(sql, params)
+                        else:
+                            conn.execute(sql, params)
             if instance_rows:
                 conn.executemany(_INSTANCE_SQL, instance_rows)
             if history_rows:
                 conn.executemany(_HISTORY_SQL, history_rows)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            log.warning("batch of %d transition(s) failed (%s); writing them one by one", len(batch), exc)
+            log.warning("batch of %d commit(s) failed (%s); writing them one by one", len(batch), exc)
             conn.execute("ROLLBACK")
             raise
         self.commits += 1
-        self.transitions += len(batch)
+        self.transitions += sum(len(c.parts) for c in batch)
 
-    def _write_isolated(self, conn: sqlite3.Connection, batch: list[Any]) -> list[BaseException | None]:
-        """Slow path after a failed batch: each transition in its own savepoint,
-        so one bad transition cannot take the others down."""
+    def _write_isolated(self, conn: sqlite3.Connection, batch: list[_Commit]) -> list[BaseException | None]:
+        """Slow path after a failed batch: each commit in its own savepoint,
+        so one bad commit cannot take the others down."""
         outcomes: list[BaseException | None] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for ops, _future, _loop in batch:
-                conn.execute("SAVEPOINT t")
-                try:
-                    for sql, params, many in ops:
-                        if many:
-                            conn.executemany(sql, params)  # type: ignore[arg-type]
-                        else:
-                            conn.execute(sql, params)
-                    conn.execute("RELEASE t")
-                    outcomes.append(None)
-                except sqlite3.Error as exc:
-                    conn.execute("ROLLBACK TO t")
-                    conn.execute("RELEASE t")
-                    log.error("transition not written: %s", exc)
-                    outcomes.append(StoreError(f"transition not written: {exc}"))
+            for commit in batch:
+                outcomes.append(self._write_one(conn, commit))
             conn.execute("COMMIT")
             self.commits += 1
-            self.transitions += len(batch)
+            self.transitions += sum(len(c.parts) for c, outcome in zip(batch, outcomes) if outcome is None)
         except sqlite3.Error as exc:
             try:
                 conn.execute("ROLLBACK")
@@ -394,6 +416,34 @@ class Store:
             outcomes = [StoreError(f"commit failed: {exc}")] * len(batch)
         return outcomes
 
+    def _write_one(self, conn: sqlite3.Connection, commit: _Commit) -> NotWritten | None:
+        """One commit in its own savepoint, each of its parts in a nested one
+        (to know which part failed)."""
+        conn.execute("SAVEPOINT one")
+        blamed: list[int] = []
+        failure: sqlite3.Error | None = None
+        for index, ops in enumerate(commit.parts):
+            conn.execute("SAVEPOINT part")
+            try:
+                _execute(conn, ops)
+                conn.execute("RELEASE part")
+            except sqlite3.Error as exc:
+                conn.execute("ROLLBACK TO part")
+                conn.execute("RELEASE part")
+                blamed.append(index)
+                failure = failure or exc
+        if not blamed:
+            try:
+                _execute(conn, commit.shared)
+                conn.execute("RELEASE one")
+                return None
+            except sqlite3.Error as exc:
+                failure = exc
+        conn.execute("ROLLBACK TO one")
+        conn.execute("RELEASE one")
+        log.error("transition not written: %s", failure)
+        return NotWritten(f"transition not written: {failure}", frozenset(blamed))
+
     # -- reading -----------------------------------------------------------------
 
     def _conn(self) -> sqlite3.Connection:
@@ -401,16 +451,13 @@ class Store:
             self._read_conn = self._connect()
         return self._read_conn
 
-    async def read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn`` run in the reader thread, on its connection."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._reader, lambda: fn(self._conn()))
 
-    def read_now(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        """Blocking read, for start-up and command-line tools only."""
-        return self._reader.submit(lambda: fn(self._conn())).result()
-
     async def max_instance_id(self) -> int:
-        return await self.read(lambda c: c.execute("SELECT COALESCE(MAX(id), 0) FROM instances").fetchone()[0])
+        return await self.read(lambda c: int(c.execute("SELECT COALESCE(MAX(id), 0) FROM instances").fetchone()[0]))
 
     async def load_instances(self, ids: Iterable[int]) -> list[InstanceRow]:
         wanted = list(ids)
@@ -436,7 +483,7 @@ class Store:
     async def count_instances(self, include_finished: bool, projects: Sequence[str] | None = None) -> int:
         where, args = _instance_filter(include_finished, projects)
         sql = f"SELECT COUNT(*) FROM instances{where}"
-        return await self.read(lambda c: c.execute(sql, args).fetchone()[0])  # type: ignore[no-any-return]
+        return await self.read(lambda c: int(c.execute(sql, args).fetchone()[0]))
 
     async def history(self, instance_id: int) -> list[HistoryRow]:
         sql = ("SELECT instance_id, at, path, step, event, actor, detail FROM history "
@@ -449,8 +496,10 @@ class Store:
         return await self.read(lambda c: [TimerRow(*r) for r in c.execute(sql, (now, limit))])
 
     async def next_due(self) -> float | None:
-        return await self.read(lambda c: c.execute(
-            "SELECT MIN(due) FROM timers WHERE fired = 0").fetchone()[0])
+        def q(c: sqlite3.Connection) -> float | None:
+            due = c.execute("SELECT MIN(due) FROM timers WHERE fired = 0").fetchone()[0]
+            return None if due is None else float(due)
+        return await self.read(q)
 
     async def fired_timers(self) -> list[TimerRow]:
         sql = "SELECT instance_id, path, kind, name, due, fired FROM timers WHERE fired = 1"
@@ -463,7 +512,7 @@ class Store:
 
     async def schedule_timers(self) -> dict[str, float]:
         sql = "SELECT path, due FROM timers WHERE instance_id = 0 AND kind = 'schedule'"
-        return await self.read(lambda c: dict(c.execute(sql).fetchall()))
+        return await self.read(lambda c: {str(name): float(due) for name, due in c.execute(sql)})
 
     async def schedules(self) -> dict[str, tuple[str, float | None]]:
         return await self.read(lambda c: {n: (cron, last) for n, cron, last in
@@ -491,17 +540,23 @@ class Store:
     # -- building transitions (pure: no I/O) -------------------------------------
 
     @staticmethod
-    def instance_op(rows: list[tuple[Any, ...]]) -> Op:
-        return (_INSTANCE_SQL, rows, True)
+    def instance_op(rows: Iterable[InstanceRow]) -> Op:
+        """Insert or update instances; ``fields`` and ``runs`` are serialised now."""
+        return (_INSTANCE_SQL, [(r.id, r.process, r.status, r.parent_id, r.parent_path, r.project, dumps(r.fields),
+                                 dumps(r.runs), r.serial, r.error, r.created, r.updated, r.definition)
+                                for r in rows], True)
 
     @staticmethod
-    def history_op(rows: list[tuple[Any, ...]]) -> Op:
-        return (_HISTORY_SQL, rows, True)
+    def history_op(events: Iterable[Event]) -> Op:
+        return (_HISTORY_SQL, [(e.instance_id, e.at, e.path, e.step, e.event, e.actor, e.detail) for e in events],
+                True)
 
     @staticmethod
-    def workitem_insert_op(rows: list[tuple[Any, ...]]) -> Op:
+    def workitem_insert_op(workitems: Iterable[Workitem], created: float) -> Op:
         return ("INSERT OR REPLACE INTO workitems (key, instance_id, process, path, step, participant, state, "
-                "params, fields, created) VALUES (?,?,?,?,?,?,'dispatched',?,?,?)", rows, True)
+                "params, fields, created) VALUES (?,?,?,?,?,?,'dispatched',?,?,?)",
+                [(w.key, w.instance_id, w.process, w.path, w.step, w.participant, dumps(w.params), dumps(w.fields),
+                  created) for w in workitems], True)
 
     @staticmethod
     def workitem_state_op(keys: list[str], state: str) -> Op:
@@ -512,22 +567,25 @@ class Store:
         return ("DELETE FROM workitems WHERE key = ?", [(k,) for k in keys], True)
 
     @staticmethod
-    def timer_insert_op(rows: list[tuple[int, str, str, str, float]]) -> Op:
-        return ("INSERT OR REPLACE INTO timers (instance_id, path, kind, name, due, fired) "
-                "VALUES (?,?,?,?,?,0)", rows, True)
-
-    @staticmethod
-    def timer_delete_op(rows: list[tuple[int, str, str, str]]) -> Op:
-        return ("DELETE FROM timers WHERE instance_id = ? AND path = ? AND kind = ? AND name = ?", rows, True)
-
-    @staticmethod
-    def timer_delete_step_op(rows: list[tuple[int, str]]) -> Op:
-        return ("DELETE FROM timers WHERE instance_id = ? AND path = ?", rows, True)
-
-    @staticmethod
-    def timer_fired_op(rows: list[tuple[int, str, str, str]]) -> Op:
-        return ("UPDATE timers SET fired = 1 WHERE instance_id = ? AND path = ? AND kind = ? AND name = ?",
-                rows, True)
+    def timer_ops(ops: Iterable[TimerOp]) -> list[Op]:
+        """A transition's timer changes as statements, in the order they happened."""
+        out: list[Op] = []
+        for op in ops:
+            if isinstance(op, DropStepTimers):
+                out.append(("DELETE FROM timers WHERE instance_id = ? AND path = ?", (op.instance_id, op.path),
+                            False))
+                continue
+            key = (op.key.instance_id, op.key.path, op.key.kind, op.key.name)
+            if isinstance(op, ArmTimer):
+                out.append(("INSERT OR REPLACE INTO timers (instance_id, path, kind, name, due, fired) "
+                            "VALUES (?,?,?,?,?,0)", (*key, op.due), False))
+            elif isinstance(op, DropTimer):
+                out.append(("DELETE FROM timers WHERE instance_id = ? AND path = ? AND kind = ? AND name = ?",
+                            key, False))
+            else:
+                out.append(("UPDATE timers SET fired = 1 "
+                            "WHERE instance_id = ? AND path = ? AND kind = ? AND name = ?", key, False))
+        return out
 
     @staticmethod
     def schedule_ops(name: str, cron: str, last_run: float | None, next_due: float | None) -> list[Op]:
@@ -548,8 +606,10 @@ class Store:
                 rows, True)
 
     async def definition_source(self, digest: str) -> tuple[str, str] | None:
-        return await self.read(lambda c: c.execute(
-            "SELECT name, source FROM definitions WHERE digest = ?", (digest,)).fetchone())
+        def q(c: sqlite3.Connection) -> tuple[str, str] | None:
+            row = c.execute("SELECT name, source FROM definitions WHERE digest = ?", (digest,)).fetchone()
+            return None if row is None else (str(row[0]), str(row[1]))
+        return await self.read(q)
 
     @staticmethod
     def schedule_forget_op(name: str) -> list[Op]:
@@ -568,7 +628,15 @@ _HISTORY_SQL = ("INSERT INTO history (instance_id, at, path, step, event, actor,
                 "VALUES (?,?,?,?,?,?,?)")
 
 
-def _resolve(results: list[tuple["asyncio.Future[None]", BaseException | None]]) -> None:
+def _execute(conn: sqlite3.Connection, ops: Sequence[Op]) -> None:
+    for sql, params, many in ops:
+        if many:
+            conn.executemany(sql, params)
+        else:
+            conn.execute(sql, params)
+
+
+def _resolve(results: list[tuple[asyncio.Future[None], BaseException | None]]) -> None:
     for future, outcome in results:
         if future.done():
             continue

@@ -15,9 +15,12 @@ import asyncio
 import logging
 import time
 from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable, Iterable, Protocol
 
+# re-exported: bot/config.py imports check_cron from here (engine.cron is the home)
+from engine.cron import check_cron as check_cron
 from engine.store import Store, TimerRow
+from engine.timerops import ArmTimer, TimerOp
 
 log = logging.getLogger(__name__)
 
@@ -42,30 +45,6 @@ class ManualClock:
 
     def advance(self, seconds: float) -> None:
         self.t += seconds
-
-
-def next_cron(cron: str, after: float, tz: str = "UTC") -> float:
-    """The first fire time of a crontab expression strictly after ``after``."""
-    from apscheduler.triggers.cron import CronTrigger
-
-    trigger = CronTrigger.from_crontab(cron, timezone=tz)
-    start = datetime.fromtimestamp(after, timezone.utc)
-    nxt = trigger.get_next_fire_time(None, start)
-    if nxt is not None and nxt.timestamp() <= after:
-        nxt = trigger.get_next_fire_time(nxt, datetime.fromtimestamp(after + 1, timezone.utc))
-    if nxt is None:
-        raise ValueError(f"cron {cron!r} never fires")
-    return nxt.timestamp()
-
-
-def check_cron(cron: str, tz: str = "UTC") -> str | None:
-    from apscheduler.triggers.cron import CronTrigger
-
-    try:
-        CronTrigger.from_crontab(cron, timezone=tz)
-    except Exception as exc:  # APScheduler raises ValueError and friends
-        return f"bad cron expression {cron!r}: {exc}"
-    return None
 
 
 # Where the alarm goes for a due time datetime cannot hold (a row written by an
@@ -138,9 +117,15 @@ class TimerService:
             self._arm(due)
 
     def notify(self, due: float) -> None:
-        """A transition added a timer due at ``due``: arm earlier if needed."""
+        """A timer due at ``due`` was committed: arm earlier if needed."""
         if self._armed is None or due < self._armed:
             self._arm(due)
+
+    def note(self, ops: Iterable[TimerOp]) -> None:
+        """A transition's timer changes were committed: arm for the earliest new timer."""
+        dues = [op.due for op in ops if isinstance(op, ArmTimer)]
+        if dues:
+            self.notify(min(dues))
 
     def _arm(self, due: float) -> None:
         self._armed = due

@@ -22,6 +22,7 @@ from engine.participants import ParticipantRegistry, Reply, Workitem
 from engine.yamlconfig import loads_yaml
 from engine.durations import parse_duration
 from engine.store import Store, StoreError
+from engine.timerops import ArmTimer, TimerKey
 from engine.timers import ManualClock
 from participants import discover
 from tests.botproc import ROOT, Bot, make_home
@@ -270,10 +271,10 @@ class CrashingAfterTimer(Recorder):
         store = self.store_of()
         real, left = store.commit, [self.commits]
 
-        def commit(ops: Any) -> "asyncio.Future[None]":
+        def commit(*parts: Any, **shared: Any) -> "asyncio.Future[None]":
             if left[0] > 0:
                 left[0] -= 1
-                return real(ops)
+                return real(*parts, **shared)
             return asyncio.get_running_loop().create_future()   # never durable: the process is gone
         store.commit = commit
         return reply
@@ -384,7 +385,7 @@ def test_a_retry_backoff_that_doubles_past_ten_years_is_a_problem() -> None:
 async def test_start_survives_a_timer_due_beyond_any_date(tmp_path: Path) -> None:
     store = Store(tmp_path / "bot.sqlite3")
     store.open()
-    await store.commit([Store.timer_insert_op([(7, "1", "wait", "", 1e12)])])   # year 33658
+    await store.commit(Store.timer_ops([ArmTimer(TimerKey(7, "1", "wait"), 1e12)]))   # year 33658
     engine = Engine(store, {}, ParticipantRegistry(discover()))   # the real scheduler
     try:
         await engine.start()

@@ -14,7 +14,8 @@ from engine.schedules import ScheduleSpec
 from engine.participants import ParticipantRegistry
 from engine.yamlconfig import loads_yaml
 from engine.store import Store
-from engine.timers import ManualClock, next_cron
+from engine.cron import next_cron
+from engine.timers import ManualClock
 from participants import discover
 
 HELLO = "name: hello\nsteps:\n  - participant: echo\n    params: {text: 'hi {{ who }}'}\n"
@@ -76,7 +77,7 @@ async def test_runs_missed_while_down(tmp_path: Path, caplog: pytest.LogCaptureF
     clock = ManualClock(T0)
     await close(await make(tmp_path, clock, misfire))
     clock.advance(3 * DAY)                        # down over three 02:00 runs
-    caplog.set_level(logging.WARNING, "engine.engine")
+    caplog.set_level(logging.WARNING, "engine.schedules")
     engine = await make(tmp_path, clock, misfire)
     await tick(engine, clock, 0)                  # what APScheduler does at once with an overdue job
     assert len(await engine.instances(include_finished=True)) == launched
