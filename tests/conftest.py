@@ -3,8 +3,8 @@ from __future__ import annotations
 import signal
 import sys
 
-# Server fixtures live in their own modules, one per protocol.
-pytest_plugins = ["tests.servers.tls", "tests.servers.irc", "tests.servers.xmpp"]
+# Server fixtures live in their own modules, one per protocol; engine fixtures in theirs.
+pytest_plugins = ["tests.servers.tls", "tests.servers.irc", "tests.servers.xmpp", "tests.engine_fixtures"]
 
 
 def _exit_on_term(signum, frame):  # killed by a timeout: let fixtures stop their servers

@@ -1,9 +1,11 @@
-"""Factory helpers and test-only participants for engine tests.
+"""Engine fixtures (a pytest plugin, see tests/conftest.py), test-only
+participants and helpers for engine tests.
 
-``make_engine`` builds a real engine on a real SQLite file under ``tmp_path``
-with a ``ManualClock`` and no APScheduler: time moves only through
-``advance``.  The ``engines`` fixture hands out that factory and stops every
-engine it built at the end of the test.
+The ``engines`` fixture is the one way tests build a Store and an Engine: a
+real engine on a real SQLite file under ``tmp_path``, by default with a
+``ManualClock`` and no APScheduler (time moves only through ``advance``).
+Every engine it built is stopped, and its store closed, at the end of the
+test.
 """
 from __future__ import annotations
 
@@ -19,9 +21,10 @@ from engine.definitions import ProcessSpec, parse_definition
 from engine.engine import Engine
 from engine.events import Event
 from engine.participants import Participant, ParticipantRegistry, Reply, Workitem
-from engine.yamlconfig import loads_yaml
+from engine.schedules import ScheduleSpec
 from engine.store import Store
-from engine.timers import ManualClock
+from engine.timers import Clock, ManualClock
+from engine.yamlconfig import loads_yaml
 from participants.builtin import Echo, Fail, Hold, Record, Sleep
 
 START = 1_800_000_000.0          # ManualClock's default start: 2027-01-15 08:00:00 UTC
@@ -114,20 +117,24 @@ def spec_from_yaml(stem: str, text: str, participants: frozenset[str] | None = N
     return spec
 
 
-async def make_engine(tmp_path: Path, definitions: Mapping[str, str],
-                      participants: Iterable[Participant] = (), *, clock: ManualClock | None = None,
-                      timezone: str = "UTC", db_name: str = DB_NAME) -> Engine:
-    """A started engine over ``tmp_path/db_name``: the builtin participants plus
-    ``participants``, the processes ``{stem: yaml_text}``, a manual clock."""
-    registry = ParticipantRegistry([Echo(), Fail(), Hold(), Record(), Sleep(), *participants])
-    specs: dict[str, ProcessSpec] = {}
-    for stem, text in definitions.items():
+async def make_engine(tmp_path: Path, definitions: Mapping[str, str] | None = None,
+                      participants: Iterable[Participant] = (), *,
+                      specs: Mapping[str, ProcessSpec] | None = None, registry: ParticipantRegistry | None = None,
+                      clock: Clock | None = None, timezone: str = "UTC", db_name: str = DB_NAME,
+                      schedules: Iterable[ScheduleSpec] = (), use_scheduler: bool = False) -> Engine:
+    """A started engine over ``tmp_path/db_name``; what ``engines`` builds."""
+    if registry is None:
+        registry = ParticipantRegistry([Echo(), Fail(), Hold(), Record(), Sleep()])
+    for participant in participants:
+        registry.add(participant)
+    all_specs = dict(specs or {})
+    for stem, text in (definitions or {}).items():
         spec = spec_from_yaml(stem, text, registry.names())
-        specs[spec.name] = spec
+        all_specs[spec.name] = spec
     store = Store(tmp_path / db_name)
     store.open()
-    engine = Engine(store, specs, registry, clock=clock or ManualClock(), use_scheduler=False,
-                    timezone=timezone)
+    engine = Engine(store, all_specs, registry, clock=clock or ManualClock(), use_scheduler=use_scheduler,
+                    timezone=timezone, schedules=schedules)
     await engine.start()
     return engine
 
@@ -142,11 +149,29 @@ EngineFactory = Callable[..., Awaitable[Engine]]
 
 @pytest.fixture
 async def engines(tmp_path: Path) -> AsyncIterator[EngineFactory]:
-    """``await engines({"name": yaml}, participants=[...], clock=..., timezone=...)``;
-    every engine built is stopped (and its store closed) after the test."""
+    """A factory of started engines, each over a real SQLite file in ``tmp_path``:
+
+    ``await engines({"name": yaml}, participants=[...], clock=..., timezone=...)``
+
+    ``definitions`` (``{file stem: YAML text}``) are parsed against the
+    participants' names.  Participants are the builtin test set (echo, fail,
+    hold, record, sleep) plus ``participants``.  Keywords:
+
+    ``specs``          pre-parsed ``{name: ProcessSpec}``, e.g. ``config.specs`` of the shipped conf/
+    ``registry``       a ``ParticipantRegistry`` to use instead of the builtin set, e.g.
+                       ``ParticipantRegistry(discover())``; ``participants`` are added to it
+    ``clock``          default a new ``ManualClock``; ``SystemClock()`` for real time
+    ``timezone``       the engine's time zone (``wait: {until: ...}``), default UTC
+    ``db_name``        the database file in ``tmp_path``, default ``engine.sqlite3``: a second
+                       engine on the same name reopens the database (close the first one
+                       with ``close_engine`` before)
+    ``schedules``      ``ScheduleSpec``s to keep
+    ``use_scheduler``  fire timers with the real APScheduler (default False: ``advance`` does)
+
+    Every engine built is stopped, and its store closed, after the test."""
     built: list[Engine] = []
 
-    async def factory(definitions: Mapping[str, str], participants: Iterable[Participant] = (),
+    async def factory(definitions: Mapping[str, str] | None = None, participants: Iterable[Participant] = (),
                       **kwargs: Any) -> Engine:
         engine = await make_engine(tmp_path, definitions, participants, **kwargs)
         built.append(engine)

@@ -2,15 +2,12 @@
 already running it: each keeps the version it was launched with."""
 from __future__ import annotations
 
-from pathlib import Path
-
-from engine.definitions import parse_definition
+from engine.definitions import ProcessSpec, parse_definition
 from engine.engine import Engine
 from engine.participants import ParticipantRegistry, Reply
 from engine.yamlconfig import loads_yaml
-from engine.store import Store
-from engine.timers import ManualClock
 from participants import discover
+from tests.engine_fixtures import EngineFactory, close_engine
 
 V1 = """name: release
 steps:
@@ -33,7 +30,7 @@ steps:
 """
 
 
-def specs(*texts: str) -> dict:
+def specs(*texts: str) -> dict[str, ProcessSpec]:
     registry = ParticipantRegistry(discover())
     out = {}
     for text in texts:
@@ -44,18 +41,13 @@ def specs(*texts: str) -> dict:
     return out
 
 
-async def start(tmp_path: Path, definitions: dict) -> Engine:
-    store = Store(tmp_path / "bot.sqlite3")
-    store.open()
-    engine = Engine(store, definitions, ParticipantRegistry(discover()), clock=ManualClock(), use_scheduler=False)
-    await engine.start()
-    return engine
+async def start(engines: EngineFactory, definitions: dict[str, ProcessSpec]) -> Engine:
+    return await engines(specs=definitions, registry=ParticipantRegistry(discover()))
 
 
 async def stop(engine: Engine) -> None:
     await engine.idle()
-    await engine.stop()
-    engine.store.close()
+    await close_engine(engine)
 
 
 async def answer_all(engine: Engine) -> None:
@@ -64,12 +56,12 @@ async def answer_all(engine: Engine) -> None:
     await engine.idle()
 
 
-async def test_an_edited_definition_leaves_running_instances_on_their_version(tmp_path: Path) -> None:
-    engine = await start(tmp_path, specs(V1))
+async def test_an_edited_definition_leaves_running_instances_on_their_version(engines: EngineFactory) -> None:
+    engine = await start(engines, specs(V1))
     old = await engine.launch("release")
     await stop(engine)
 
-    engine = await start(tmp_path, specs(V2))
+    engine = await start(engines, specs(V2))
     assert (await engine.instances())[0].waiting_on == "approve pending"
     new = await engine.launch("release")
     await engine.idle()
@@ -83,12 +75,12 @@ async def test_an_edited_definition_leaves_running_instances_on_their_version(tm
     await stop(engine)
 
 
-async def test_a_removed_definition_still_finishes_its_instances(tmp_path: Path) -> None:
-    engine = await start(tmp_path, specs(V1))
+async def test_a_removed_definition_still_finishes_its_instances(engines: EngineFactory) -> None:
+    engine = await start(engines, specs(V1))
     iid = await engine.launch("release")
     await stop(engine)
 
-    engine = await start(tmp_path, {})
+    engine = await start(engines, {})
     assert "release" not in engine.specs
     await answer_all(engine)
     detail = await engine.describe(iid)

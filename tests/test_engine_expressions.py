@@ -13,8 +13,8 @@ import pytest
 from engine.errors import NoSuchWorkitem, NotAllowedNow
 from engine.participants import Reply
 from engine.timers import ManualClock
-from tests.engine_fixtures import (DB_NAME, START, DbProbe, Recorder, advance, close_engine, engines,  # noqa: F401
-                                   events, fields, make_engine, status, timers, trace)
+from tests.engine_fixtures import (DB_NAME, START, DbProbe, Recorder, advance, close_engine, events, fields,
+                                   status, timers, trace)
 
 
 # -- sequence, set, if ---------------------------------------------------------
@@ -1022,16 +1022,16 @@ async def test_dispatch_key_is_the_same_wherever_the_step_run_is_seen(engines) -
     assert (await engine.describe(iid)).steps == [f"ask (pend): pending [key {ask.key}]"]
 
 
-async def test_dispatch_key_is_stable_across_a_restart(tmp_path: Path) -> None:
+async def test_dispatch_key_is_stable_across_a_restart(engines) -> None:
     busy = Recorder("busy", mode="block")
-    engine = await make_engine(tmp_path, {"k": "steps: [{id: work, participant: busy}]"}, [busy])
+    engine = await engines({"k": "steps: [{id: work, participant: busy}]"}, [busy])
     iid = await engine.launch("k")
     for _ in range(10):
         await asyncio.sleep(0)
     (first,) = busy.consumed()
     await close_engine(engine)                # goes down while the participant works
     again = Recorder("busy")
-    engine = await make_engine(tmp_path, {"k": "steps: [{id: work, participant: busy}]"}, [again])
+    engine = await engines({"k": "steps: [{id: work, participant: busy}]"}, [again])
     try:
         await engine.idle()
         (second,) = again.consumed()
@@ -1115,7 +1115,7 @@ async def test_published_events_are_already_in_the_database(engines, tmp_path: P
     assert seen == [("launched", 1), ("dispatched", 1), ("done", 1), ("wait over", 1), ("completed", 1)]
 
 
-async def test_participant_is_told_of_a_cancel_only_after_it_is_committed(tmp_path: Path) -> None:
+async def test_participant_is_told_of_a_cancel_only_after_it_is_committed(engines, tmp_path: Path) -> None:
     db = tmp_path / DB_NAME
     committed: list[tuple] = []
 
@@ -1131,12 +1131,12 @@ async def test_participant_is_told_of_a_cancel_only_after_it_is_committed(tmp_pa
             await super().cancel(workitem)
 
     definitions = {"c": "steps: [{id: ask, participant: pend}]"}
-    engine = await make_engine(tmp_path, definitions, [Recorder("pend", mode="pending")])
+    engine = await engines(definitions, [Recorder("pend", mode="pending")])
     iid = await engine.launch("c")
     await engine.idle()
     await close_engine(engine)
     watcher = Watcher("pend", mode="pending")
-    engine = await make_engine(tmp_path, definitions, [watcher])   # the instance is loaded lazily
+    engine = await engines(definitions, [watcher])   # the instance is loaded lazily
     try:
         await engine.idle()
         assert watcher.calls == []                                    # pending is not asked again
@@ -1149,15 +1149,15 @@ async def test_participant_is_told_of_a_cancel_only_after_it_is_committed(tmp_pa
         await close_engine(engine)
 
 
-async def test_pending_step_survives_a_restart_and_is_answered_after_it(tmp_path: Path) -> None:
+async def test_pending_step_survives_a_restart_and_is_answered_after_it(engines) -> None:
     definitions = {"p": "steps: [{id: ask, participant: pend, timeout: 1h}, {set: {after: true}}]"}
-    engine = await make_engine(tmp_path, definitions, [Recorder("pend", mode="pending")])
+    engine = await engines(definitions, [Recorder("pend", mode="pending")])
     iid = await engine.launch("p")
     await engine.idle()
     (key,) = [w.key for w in await engine.pending()]
     await close_engine(engine)
     again = Recorder("pend", mode="pending")
-    engine = await make_engine(tmp_path, definitions, [again])
+    engine = await engines(definitions, [again])
     try:
         await engine.idle()
         assert again.calls == []

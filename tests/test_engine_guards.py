@@ -23,11 +23,10 @@ from engine.yamlconfig import loads_yaml
 from engine.durations import parse_duration
 from engine.store import Store, StoreError
 from engine.timerops import ArmTimer, TimerKey
-from engine.timers import ManualClock
+from engine.timers import ManualClock, SystemClock
 from participants import discover
 from tests.botproc import ROOT, Bot, make_home
-from tests.engine_fixtures import (START, Recorder, advance, close_engine, engines,  # noqa: F401
-                                   events, fields, make_engine, status, timers, trace)
+from tests.engine_fixtures import START, Recorder, advance, close_engine, events, fields, status, timers, trace
 
 
 # -- helpers ---------------------------------------------------------------------
@@ -258,7 +257,7 @@ def test_a_timer_at_or_after_the_timeout_is_a_problem() -> None:
 
 class CrashingAfterTimer(Recorder):
     """Answers a timer, then "dies": the store lets ``commits`` more
-    transactions through and never writes another (as after SIGKILL)."""
+    commits through and never writes another (as after SIGKILL)."""
 
     def __init__(self, store_of: Any, commits: int) -> None:
         super().__init__("pend", mode="pending")
@@ -281,12 +280,12 @@ class CrashingAfterTimer(Recorder):
 
 
 @pytest.mark.parametrize("commits", [0, 1], ids=["crash before any commit", "crash after one commit"])
-async def test_a_timer_answer_survives_a_crash_after_the_participant_had_it(tmp_path: Path, commits: int) -> None:
+async def test_a_timer_answer_survives_a_crash_after_the_participant_had_it(engines, commits: int) -> None:
     definition = {"t": "steps: [{id: ask, participant: pend, timers: '1h: escalate'}]"}
     clock = ManualClock()
     holder: list[Engine] = []
     pend = CrashingAfterTimer(lambda: holder[0].store, commits)
-    engine = await make_engine(tmp_path, definition, [pend], clock=clock)
+    engine = await engines(definition, [pend], clock=clock)
     holder.append(engine)
     try:
         iid = await engine.launch("t")
@@ -303,7 +302,7 @@ async def test_a_timer_answer_survives_a_crash_after_the_participant_had_it(tmp_
         await close_engine(engine)
     again = Recorder("pend", mode="pending")
     again.timer_reply = Reply.done({"escalated": True})
-    engine = await make_engine(tmp_path, definition, [again], clock=clock)
+    engine = await engines(definition, [again], clock=clock)
     try:
         await engine.idle()
         assert await status(engine, iid) == "completed"
@@ -382,17 +381,12 @@ def test_a_retry_backoff_that_doubles_past_ten_years_is_a_problem() -> None:
                  "10 years (3650d); use fewer retries or a shorter backoff"]
 
 
-async def test_start_survives_a_timer_due_beyond_any_date(tmp_path: Path) -> None:
-    store = Store(tmp_path / "bot.sqlite3")
-    store.open()
-    await store.commit(Store.timer_ops([ArmTimer(TimerKey(7, "1", "wait"), 1e12)]))   # year 33658
-    engine = Engine(store, {}, ParticipantRegistry(discover()))   # the real scheduler
-    try:
-        await engine.start()
-        assert engine.timers.armed == 1e12
-    finally:
-        await engine.stop()
-        await asyncio.to_thread(store.close)
+async def test_start_survives_a_timer_due_beyond_any_date(engines) -> None:
+    engine = await engines()
+    await engine.store.commit(Store.timer_ops([ArmTimer(TimerKey(7, "1", "wait"), 1e12)]))   # year 33658
+    await close_engine(engine)
+    engine = await engines(clock=SystemClock(), use_scheduler=True)   # the real scheduler
+    assert engine.timers.armed == 1e12
 
 
 async def test_a_wait_until_too_far_away_fails_the_step(engines) -> None:

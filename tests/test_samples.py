@@ -13,27 +13,20 @@ import pytest
 from bot.config import load_config
 from engine.engine import Engine
 from engine.participants import ParticipantRegistry, Reply
-from engine.store import Store
 from engine.timers import ManualClock
 from participants import discover
+from tests.engine_fixtures import EngineFactory
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACES = Path(__file__).resolve().parent / "traces"
 
 
 @pytest.fixture
-async def engine(tmp_path: Path):  # type: ignore[no-untyped-def]
+async def engine(engines: EngineFactory) -> Engine:
+    """The shipped conf/ and participants, on a manual clock."""
     registry = ParticipantRegistry(discover())
     config = load_config(ROOT / "conf", registry.names())
-    store = Store(tmp_path / "bot.sqlite3")
-    store.open()
-    clock = ManualClock()
-    eng = Engine(store, config.specs, registry, clock=clock, use_scheduler=False)
-    await eng.start()
-    eng.clock_ = clock  # type: ignore[attr-defined]
-    yield eng
-    await eng.stop()
-    store.close()
+    return await engines(specs=config.specs, registry=registry)
 
 
 async def trace(engine: Engine, iid: int) -> str:
@@ -51,7 +44,8 @@ def check(name: str, text: str) -> None:
 
 
 async def advance(engine: Engine, seconds: float) -> None:
-    engine.clock_.advance(seconds)  # type: ignore[attr-defined]
+    assert isinstance(engine.clock, ManualClock)
+    engine.clock.advance(seconds)
     await engine.timers.fire_due()
     await engine.idle()
 

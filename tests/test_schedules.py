@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timezone
-from pathlib import Path
 
 import pytest
 
-from engine.definitions import parse_definition
-from engine.engine import Engine
-from engine.schedules import ScheduleSpec
-from engine.participants import ParticipantRegistry
-from engine.yamlconfig import loads_yaml
-from engine.store import Store
 from engine.cron import next_cron
+from engine.engine import Engine
+from engine.participants import ParticipantRegistry
+from engine.schedules import ScheduleSpec
 from engine.timers import ManualClock
 from participants import discover
+from tests.engine_fixtures import EngineFactory, close_engine
 
 HELLO = "name: hello\nsteps:\n  - participant: echo\n    params: {text: 'hi {{ who }}'}\n"
 T0 = datetime(2026, 11, 25, 1, 30, tzinfo=timezone.utc).timestamp()   # 01:30 UTC
@@ -24,21 +21,9 @@ TWO_AM = datetime(2026, 11, 25, 2, 0, tzinfo=timezone.utc).timestamp()
 DAY = 86400
 
 
-async def make(tmp_path: Path, clock: ManualClock, misfire: str = "run_once", tz: str = "UTC") -> Engine:
-    registry = ParticipantRegistry(discover())
-    spec, problems = parse_definition(loads_yaml(HELLO, "hello.yaml"), "hello.yaml", "hello", registry.names())
-    assert spec and not problems
-    store = Store(tmp_path / "bot.sqlite3")
-    store.open()
-    engine = Engine(store, {"hello": spec}, registry, clock=clock, use_scheduler=False,
-                    schedules=[ScheduleSpec("nightly", "0 2 * * *", "hello", {"who": "night"}, misfire, tz)])
-    await engine.start()
-    return engine
-
-
-async def close(engine: Engine) -> None:
-    await engine.stop()
-    engine.store.close()
+async def make(engines: EngineFactory, clock: ManualClock, misfire: str = "run_once", tz: str = "UTC") -> Engine:
+    return await engines({"hello": HELLO}, registry=ParticipantRegistry(discover()), clock=clock,
+                         schedules=[ScheduleSpec("nightly", "0 2 * * *", "hello", {"who": "night"}, misfire, tz)])
 
 
 async def tick(engine: Engine, clock: ManualClock, seconds: float) -> None:
@@ -53,9 +38,9 @@ def test_next_cron_is_strictly_after() -> None:
     assert next_cron("*/15 * * * *", T0 + 1) == T0 + 15 * 60
 
 
-async def test_schedule_launches_at_its_time_and_rearms(tmp_path: Path) -> None:
+async def test_schedule_launches_at_its_time_and_rearms(engines: EngineFactory) -> None:
     clock = ManualClock(T0)
-    engine = await make(tmp_path, clock)
+    engine = await make(engines, clock)
     [info] = await engine.schedules()
     assert (info.next_due, info.last_run) == (TWO_AM, None)
     assert engine.timers.armed == TWO_AM
@@ -68,43 +53,39 @@ async def test_schedule_launches_at_its_time_and_rearms(tmp_path: Path) -> None:
     assert (await engine.history(run.id))[0].actor == "schedule nightly"
     [info] = await engine.schedules()
     assert (info.next_due, info.last_run) == (TWO_AM + DAY, T0 + 30 * 60)
-    await close(engine)
 
 
 @pytest.mark.parametrize("misfire, launched", [("run_once", 1), ("skip", 0)])
-async def test_runs_missed_while_down(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+async def test_runs_missed_while_down(engines: EngineFactory, caplog: pytest.LogCaptureFixture,
                                       misfire: str, launched: int) -> None:
     clock = ManualClock(T0)
-    await close(await make(tmp_path, clock, misfire))
+    await close_engine(await make(engines, clock, misfire))
     clock.advance(3 * DAY)                        # down over three 02:00 runs
     caplog.set_level(logging.WARNING, "engine.schedules")
-    engine = await make(tmp_path, clock, misfire)
+    engine = await make(engines, clock, misfire)
     await tick(engine, clock, 0)                  # what APScheduler does at once with an overdue job
     assert len(await engine.instances(include_finished=True)) == launched
     [info] = await engine.schedules()
     assert info.next_due == TWO_AM + 3 * DAY
     messages = [r.getMessage() for r in caplog.records]
     assert any("schedule nightly missed its run" in m and misfire in m for m in messages), messages
-    await close(engine)
 
 
-async def test_restart_before_due_keeps_the_schedule_without_launching(tmp_path: Path) -> None:
+async def test_restart_before_due_keeps_the_schedule_without_launching(engines: EngineFactory) -> None:
     clock = ManualClock(T0)
-    await close(await make(tmp_path, clock))
-    engine = await make(tmp_path, clock)
+    await close_engine(await make(engines, clock))
+    engine = await make(engines, clock)
     assert await engine.instances(include_finished=True) == []
     [info] = await engine.schedules()
     assert info.next_due == TWO_AM
-    await close(engine)
 
 
-async def test_a_changed_time_zone_moves_the_next_run(tmp_path: Path) -> None:
+async def test_a_changed_time_zone_moves_the_next_run(engines: EngineFactory) -> None:
     clock = ManualClock(T0)
-    await close(await make(tmp_path, clock))
-    engine = await make(tmp_path, clock, tz="Europe/Helsinki")       # UTC+2 in November
+    await close_engine(await make(engines, clock))
+    engine = await make(engines, clock, tz="Europe/Helsinki")       # UTC+2 in November
     [info] = await engine.schedules()
     assert info.next_due == TWO_AM + DAY - 2 * 3600                  # 02:00 Helsinki = 00:00 UTC tomorrow
-    await close(engine)
-    engine = await make(tmp_path, clock, tz="Europe/Helsinki")       # unchanged: kept as stored
+    await close_engine(engine)
+    engine = await make(engines, clock, tz="Europe/Helsinki")       # unchanged: kept as stored
     assert (await engine.schedules())[0].next_due == TWO_AM + DAY - 2 * 3600
-    await close(engine)
