@@ -409,6 +409,8 @@ class Engine:
         commit it (with this pass's others), then announce it.  ``extra``: see
         ``Transition.extra``."""
         for attempt in range(1, _ATTEMPTS + 1):
+            for iid, _action in actions:       # wait for commits in flight without holding others up
+                await self._settled(iid)
             await self._applying.acquire()     # no await in fact unless one is half-way
             tx = Transition(self.clock.now(), self._allocate, self.tz, extra=list(extra))
             try:
@@ -445,9 +447,12 @@ class Engine:
         in flight (a transition must not build on what may yet fail)."""
         if iid is None:
             return None
-        while (in_flight := self._unsettled.get(iid)) is not None:
-            await asyncio.wait([in_flight])
+        await self._settled(iid)
         return await self._get(iid)
+
+    async def _settled(self, iid: int | None) -> None:
+        while iid is not None and (in_flight := self._unsettled.get(iid)) is not None:
+            await asyncio.wait([in_flight])
 
     def _queue(self, tx: Transition) -> asyncio.Future[None]:
         written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -515,7 +520,8 @@ class Engine:
         have built on it, or it on them): those are applied again."""
         doomed, self._pass = self._pass, []
         for q in doomed:
-            q.written.set_exception(_TryAgain())
+            if not q.written.done():   # done: its caller was cancelled
+                q.written.set_exception(_TryAgain())
         for touched in (tx.touched, *(q.tx.touched for q in doomed)):
             for iid, inst in touched.items():
                 if self._instances.get(iid) is inst:
