@@ -22,7 +22,7 @@ from bot.transports import FRONT_ENDS, front_end
 from engine.definitions import ProcessSpec, collect_definitions
 from engine.schedules import ScheduleSpec
 from engine.yamlconfig import ConfigError, Node, Problem, load_yaml
-from engine.timers import check_cron
+from engine.cron import check_cron
 
 BOT_KEYS = ("database", "durability", "timezone", "misfire", "log_level", "console", "commands",
             "schedules", "networks")

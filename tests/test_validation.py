@@ -898,13 +898,13 @@ def test_check_needs_no_secrets_but_the_bot_does(tmp_path: Path, monkeypatch: py
     result = run_bot("check", str(home / "conf"), cwd=home)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    assert [line.split(": warning: ")[0] for line in lines[:2]] == ["conf/bot.yaml:9", "conf/bot.yaml:14"]
+    assert [line.split(": warning: ")[0] for line in lines[:2]] == ["conf/bot.yaml:8", "conf/bot.yaml:13"]
     assert "RB_TEST_UNSET_IRC_PASSWORD is not set" in lines[0] and "refuse to start" in lines[0]
     assert "RB_TEST_UNSET_XMPP_PASSWORD is not set" in lines[1]
     assert lines[2].endswith(", 2 warning(s)")
     started = run_bot("run", "--conf", str(home / "conf"), cwd=home)
     assert started.returncode == 1
-    assert any(line.startswith("conf/bot.yaml:9: ") and "RB_TEST_UNSET_IRC_PASSWORD" in line
+    assert any(line.startswith("conf/bot.yaml:8: ") and "RB_TEST_UNSET_IRC_PASSWORD" in line
                for line in started.stderr.splitlines()), started.stderr
 
 
