@@ -15,10 +15,7 @@ from bot.chat import UNVERIFIED, VERIFIED_JID, VERIFIED_SERVICES, Identity, Mess
 from bot.commands import PS_LIMIT, Dispatcher, default_registry
 from bot.config import load_config
 from bot.pacing import Cooldown
-from engine.engine import Engine
 from engine.participants import ParticipantRegistry
-from engine.store import Store
-from engine.timers import ManualClock
 from participants import discover
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,22 +30,17 @@ class Clock:
 
 
 @pytest.fixture
-async def setup(tmp_path: Path):  # type: ignore[no-untyped-def]
+async def setup(engines):  # type: ignore[no-untyped-def]
     registry = ParticipantRegistry(discover())
     config = load_config(ROOT / "conf", registry.names())     # the shipped users and processes
-    store = Store(tmp_path / "bot.sqlite3")
-    store.open()
-    engine = Engine(store, config.specs, registry, clock=ManualClock(), use_scheduler=False)
-    await engine.start()
+    engine = await engines(specs=config.specs, registry=registry)
     clock = Clock()
     # the shipped users, with the IRC identities its comments show for the "libera" network
     on_libera = {"alice": IrcIds(("alice",)), "bob": IrcIds(("bob",), ("bob!~bob@build.example.org",))}
     users = [dataclasses.replace(u, irc={"libera": on_libera[u.name]}) if u.name in on_libera else u
              for u in config.users]
     dispatcher = Dispatcher(engine, Directory(users), default_registry(), cooldown=Cooldown(5, 10, clock))
-    yield dispatcher, engine, clock
-    await engine.stop()
-    store.close()
+    return dispatcher, engine, clock
 
 
 def irc(nick: str, account: str | None, host: str = "127.0.0.1") -> Identity:
@@ -256,20 +248,14 @@ async def test_a_bare_prefix_or_address_gets_the_hint(setup) -> None:  # type: i
 # -- reads are scoped by project ------------------------------------------------------------
 
 @pytest.fixture
-async def projects(tmp_path: Path):  # type: ignore[no-untyped-def]
+async def projects(engines):  # type: ignore[no-untyped-def]
     """Processes on Foo, Bar and no project; bob reads only Foo, carol everything, dave nothing."""
-    registry = ParticipantRegistry(discover())
-    store = Store(tmp_path / "bot.sqlite3")
-    store.open()
-    from tests.engine_fixtures import spec_from_yaml
-    specs = {name: spec_from_yaml(name, f"""
+    engine = await engines({name: f"""
         {('project: ' + project) if project else ''}
         launch_roles: [release-managers]
         steps:
           - participant: hold
-        """, registry.names()) for name, project in (("foo", "Foo"), ("bar", "Bar"), ("free", None))}
-    engine = Engine(store, specs, registry, clock=ManualClock(), use_scheduler=False)
-    await engine.start()
+        """ for name, project in (("foo", "Foo"), ("bar", "Bar"), ("free", None))})
     users = [User("admin", roles={"*": frozenset({"admins"})}),
              User("bob", irc={"libera": IrcIds(("bob",))}, roles={"Foo": frozenset({"release-managers"})}),
              User("carol", irc={"libera": IrcIds(("carol",))}, roles={"*": frozenset({"viewers"})}),
@@ -279,9 +265,7 @@ async def projects(tmp_path: Path):  # type: ignore[no-untyped-def]
         await engine.launch(name, {}, actor="test")
     await engine.launch("foo", {"project": "Foo:Sub"}, actor="test")
     await engine.launch("bar", {"project": "Bar:Foo"}, actor="test")   # a "Foo" that is not Foo's
-    yield dispatcher, engine
-    await engine.stop()
-    store.close()
+    return dispatcher, engine
 
 
 async def test_a_user_reads_only_the_projects_where_they_hold_a_role(projects) -> None:  # type: ignore[no-untyped-def]
@@ -310,31 +294,21 @@ async def test_an_unreadable_instance_is_refused_like_a_missing_one(projects, ca
     assert any("refused 'show 2' from bob" in r.getMessage() for r in caplog.records)
 
 
-async def test_schedules_lists_only_those_the_user_may_launch(tmp_path: Path) -> None:
+async def test_schedules_lists_only_those_the_user_may_launch(engines) -> None:  # type: ignore[no-untyped-def]
     from engine.schedules import ScheduleSpec
-    from tests.engine_fixtures import spec_from_yaml
 
-    registry = ParticipantRegistry(discover())
-    specs = {name: spec_from_yaml(name, f"""
+    engine = await engines({name: f"""
         project: {project}
         launch_roles: [release-managers]
         steps:
           - participant: echo
-        """, registry.names()) for name, project in (("foo", "Foo"), ("bar", "Bar"))}
-    store = Store(tmp_path / "bot.sqlite3")
-    store.open()
-    engine = Engine(store, specs, registry, clock=ManualClock(), use_scheduler=False,
-                    schedules=[ScheduleSpec("nightly-foo", "0 2 * * *", "foo", {}),
-                               ScheduleSpec("nightly-bar", "0 3 * * *", "bar", {})])
-    await engine.start()
-    try:
-        bob = User("bob", irc={"libera": IrcIds(("bob",))}, roles={"Foo": frozenset({"release-managers"})})
-        dave = User("dave", irc={"libera": IrcIds(("dave",))}, roles={"Foo": frozenset({"viewers"})})
-        dispatcher = Dispatcher(engine, Directory([bob, dave]), default_registry())
-        [line] = await say(dispatcher, irc("bob", "bob"), "schedules")
-        assert line.startswith("nightly-foo: 0 2 * * * -> foo")
-        assert await say(dispatcher, irc("dave", "dave"), "schedules") == [
-            "none of the 2 schedule(s) runs a process you may launch"]
-    finally:
-        await engine.stop()
-        store.close()
+        """ for name, project in (("foo", "Foo"), ("bar", "Bar"))},
+        schedules=[ScheduleSpec("nightly-foo", "0 2 * * *", "foo", {}),
+                   ScheduleSpec("nightly-bar", "0 3 * * *", "bar", {})])
+    bob = User("bob", irc={"libera": IrcIds(("bob",))}, roles={"Foo": frozenset({"release-managers"})})
+    dave = User("dave", irc={"libera": IrcIds(("dave",))}, roles={"Foo": frozenset({"viewers"})})
+    dispatcher = Dispatcher(engine, Directory([bob, dave]), default_registry())
+    [line] = await say(dispatcher, irc("bob", "bob"), "schedules")
+    assert line.startswith("nightly-foo: 0 2 * * * -> foo")
+    assert await say(dispatcher, irc("dave", "dave"), "schedules") == [
+        "none of the 2 schedule(s) runs a process you may launch"]

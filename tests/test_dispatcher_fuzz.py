@@ -18,10 +18,7 @@ from bot.access import Directory
 from bot.chat import UNVERIFIED, VERIFIED_CONSOLE, Identity, Message, Room
 from bot.commands import Dispatcher, default_registry
 from bot.config import load_config
-from engine.engine import Engine
 from engine.participants import ParticipantRegistry
-from engine.store import Store
-from engine.timers import ManualClock
 from participants import discover
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,40 +79,33 @@ def random_line(rng: random.Random) -> str:
     return line
 
 
-async def test_ten_thousand_hostile_lines_never_reach_internal_error(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+async def test_ten_thousand_hostile_lines_never_reach_internal_error(engines, caplog) -> None:  # type: ignore[no-untyped-def]
     caplog.set_level(logging.ERROR)
     registry = ParticipantRegistry(discover())
     config = load_config(ROOT / "conf", registry.names())
-    store = Store(tmp_path / "bot.sqlite3", synchronous="NORMAL")
-    store.open()
-    engine = Engine(store, config.specs, registry, clock=ManualClock(), use_scheduler=False)
-    await engine.start()
-    try:
-        dispatcher = Dispatcher(engine, Directory(config.users), default_registry())
-        admin = Identity("console", "console", "admin", account="admin", verified_by=VERIFIED_CONSOLE)
-        stranger = Identity("irc", "libera", "mallory", verified_by=UNVERIFIED, hostmask="mallory!~m@evil.test",
-                            origin="evil.test")
-        room = Room("irc", "libera", "#ops")
-        rng = random.Random(int(os.environ.get("FUZZ_SEED", "20261206")))
-        answered = launched = 0
-        for i in range(LINES):
-            line = random_line(rng)
-            sender = admin if i % 4 else stranger
-            response = await dispatcher.handle(Message(sender, line, room if i % 3 == 0 else None))
-            assert response.lines, f"no answer to {line!r}"
-            assert not any("internal error" in out for out in response.lines), (line, response.lines)
-            answered += 1
-            launched += response.lines[0].startswith("launched ")
-        assert answered == LINES
-        assert launched >= 50, f"only {launched} launches: the generator no longer reaches the engine"
-        # still working afterwards: a normal launch runs to completion
-        ok = await dispatcher.handle(Message(admin, "launch hello who=fuzz"))
-        assert ok.lines[0].startswith("launched hello as #")
-        await engine.idle()
-        iid = int(ok.lines[0].rsplit("#", 1)[1])
-        assert (await engine.summary(iid)).status == "completed"
-    finally:
-        await engine.stop()
-        store.close()
+    engine = await engines(specs=config.specs, registry=registry)
+    dispatcher = Dispatcher(engine, Directory(config.users), default_registry())
+    admin = Identity("console", "console", "admin", account="admin", verified_by=VERIFIED_CONSOLE)
+    stranger = Identity("irc", "libera", "mallory", verified_by=UNVERIFIED, hostmask="mallory!~m@evil.test",
+                        origin="evil.test")
+    room = Room("irc", "libera", "#ops")
+    rng = random.Random(int(os.environ.get("FUZZ_SEED", "20261206")))
+    answered = launched = 0
+    for i in range(LINES):
+        line = random_line(rng)
+        sender = admin if i % 4 else stranger
+        response = await dispatcher.handle(Message(sender, line, room if i % 3 == 0 else None))
+        assert response.lines, f"no answer to {line!r}"
+        assert not any("internal error" in out for out in response.lines), (line, response.lines)
+        answered += 1
+        launched += response.lines[0].startswith("launched ")
+    assert answered == LINES
+    assert launched >= 50, f"only {launched} launches: the generator no longer reaches the engine"
+    # still working afterwards: a normal launch runs to completion
+    ok = await dispatcher.handle(Message(admin, "launch hello who=fuzz"))
+    assert ok.lines[0].startswith("launched hello as #")
+    await engine.idle()
+    iid = int(ok.lines[0].rsplit("#", 1)[1])
+    assert (await engine.summary(iid)).status == "completed"
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], \
         [r.getMessage()[:200] for r in caplog.records if r.levelno >= logging.ERROR][:5]
