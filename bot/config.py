@@ -3,7 +3,7 @@ directory, validated together at start.  Every problem is reported at once
 as ``file:line: message``; unknown keys are errors; secrets come from the
 environment (``*_env`` keys) and are never logged.  Each network's entry is
 checked by its front-end (``bot.transports.FRONT_ENDS``); all parsers share
-``bot.configkit``.
+``engine.configkit``.
 
 Relative paths (the database) are relative to the config directory's parent,
 the bot's home, so ``conf/`` and ``var/`` sit side by side.
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from bot.access import IrcIds, User
-from bot.configkit import Findings, Section
+from engine.configkit import Findings, Section
 from bot.transports import FRONT_ENDS, front_end
 from engine.definitions import ProcessSpec, collect_definitions
 from engine.schedules import ScheduleSpec

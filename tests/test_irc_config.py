@@ -1,5 +1,5 @@
 """The IRC front-end without a server: its bot.yaml entry (``parse_config``
-through ``bot.configkit.Section``) and its text helpers."""
+through ``engine.configkit.Section``) and its text helpers."""
 from __future__ import annotations
 
 import shutil
@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from bot.config import load_config
-from bot.configkit import Findings, Section
+from engine.configkit import Findings, Section
 from bot.network import is_loopback
 from bot.transports.irc import DEFAULT_BURST, DEFAULT_MAX_QUEUED, IrcConfig, parse_config
 from bot.transports.irc.text import casefolder, clean_lines, split_all, split_utf8

@@ -20,9 +20,9 @@ FIRST_PARTY = ("engine", "participants", "notifiers", "bot", "tests", "bench", "
 # The building blocks every front-end adapter may use; never the dispatcher,
 # the commands, the router, access control or the app that assembles them.
 ADAPTER_TOOLKIT = ("bot.chat", "bot.addressing", "bot.network", "bot.outqueue", "bot.logsafety",
-                   "bot.configkit", "bot.pacing", "engine.yamlconfig", "engine.durations", "engine.errors")
+                   "bot.pacing", "engine.configkit", "engine.yamlconfig", "engine.durations", "engine.errors")
 # What configuration parsing may use: never the engine's runtime (engine.engine, the store, the timers).
-CONFIG_PARSING = ("bot.access", "bot.configkit", "bot.transports", "bot.chat", "engine.definitions",
+CONFIG_PARSING = ("bot.access", "engine.configkit", "bot.transports", "bot.chat", "engine.definitions",
                   "engine.schedules", "engine.yamlconfig", "engine.durations", "engine.templating",
                   "engine.errors", "engine.cron")
 
@@ -33,7 +33,6 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "bot": ("bot", "engine", "notifiers"),
     "bot.app": ("bot", "engine", "notifiers", "participants"),   # assembly: the one place that wires all
     "bot.config": CONFIG_PARSING,
-    "bot.configkit": ("engine.yamlconfig", "engine.durations"),
     "bot.transports": ADAPTER_TOOLKIT,                       # the table of front-ends imports nothing first-party
     "bot.transports.irc": ("bot.transports.irc", *ADAPTER_TOOLKIT),
     "bot.transports.xmpp": ("bot.transports.xmpp", *ADAPTER_TOOLKIT),

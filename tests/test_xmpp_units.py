@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from bot.chat import Identity, Message, Room, TransportError
-from bot.configkit import Findings, Section
+from engine.configkit import Findings, Section
 from bot.outqueue import overflow_note
 from bot.transports.xmpp import XmppConfig, XmppTransport, parse_config, split_text
 from bot.transports.xmpp.delivery import Delivery

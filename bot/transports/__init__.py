@@ -1,7 +1,7 @@
 """The front-ends, one package per protocol, found through one table.
 
 Each module named here offers ``parse_config(section) -> Config | None``
-(its ``networks:`` entry in bot.yaml, checked with ``bot.configkit``) and
+(its ``networks:`` entry in bot.yaml, checked with ``engine.configkit``) and
 ``Transport``, the adapter class constructed with that config.  Config
 parsing (``bot.config``) and app assembly (``bot.app``) both look protocols
 up here, so adding a protocol is one line.  The modules are imported only

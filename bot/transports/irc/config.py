@@ -1,5 +1,5 @@
 """An IRC network's entry in bot.yaml: ``IrcConfig``, and ``parse_config``
-checking it through a ``bot.configkit.Section``."""
+checking it through a ``engine.configkit.Section``."""
 from __future__ import annotations
 
 import os
@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from bot.configkit import Section
+from engine.configkit import Section
 from bot.network import is_loopback
 from bot.outqueue import DEFAULT_MAX_PER_TARGET
 

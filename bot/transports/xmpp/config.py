@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from bot.configkit import Section
+from engine.configkit import Section
 from bot.network import is_loopback
 from bot.outqueue import DEFAULT_MAX_PER_TARGET
 

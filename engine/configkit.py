@@ -1,7 +1,10 @@
 """Checking one section of configuration: the toolkit every config parser uses.
 
-``bot.config`` and each front-end's config parser read YAML mappings (with
-line numbers, from ``engine.yamlconfig``) through a ``Section``: typed values,
+``bot.config``, each front-end's config parser and each participant's own
+section of bot.yaml read YAML mappings (with line numbers, from
+``engine.yamlconfig``) through a ``Section``.  It lives in the engine so that
+participants, which import only the engine, check their configuration the
+same way: typed values,
 durations, required and unknown keys, and secrets named by ``*_env`` keys.
 Every problem is collected as ``file:line: message`` rather than raised, so
 ``check`` can print them all at once.  Problems stop the bot from starting;
