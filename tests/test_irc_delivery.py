@@ -43,8 +43,9 @@ class FakeLink:
         self.echoing = echo                  # False: the server stops echoing (a line it did not echo)
         self.wire: list[tuple[float, str]] = []
         self.due: list[tuple[float, str]] = []    # (when, line) the server answers
-        self.verdicts: dict[str, str] = {}        # nick key -> what verify says
+        self.verdicts: dict[str, str] = {}        # nick key -> what verify says (watched nicks)
         self.asked: list[str] = []
+        self.unwatched: set[str] = set()
         self.left = False
 
     @property
@@ -64,7 +65,9 @@ class FakeLink:
     def budget(self, command: str, target: str) -> int:
         return 400
 
-    def verify(self, dest: Dest, any_age: bool) -> str:
+    def verify(self, dest: Dest, answered: bool) -> str:
+        if dest.key in self.unwatched:                # shares no channel: only a fresh answer counts
+            return OK if answered else UNKNOWN
         return self.verdicts.get(dest.key, OK)
 
     def ask(self, nick: str) -> str | None:
@@ -316,6 +319,30 @@ def test_a_persons_lines_wait_aside_while_the_server_is_asked_who_holds_the_nick
     assert delivery.pending() == 0
     drops = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
     assert drops == ["testnet: dropped 30 line(s) queued for alice: the nick is someone else's now"]   # once
+
+
+def test_a_who_goes_with_two_tokens_so_the_line_it_releases_follows_its_answer_at_once() -> None:
+    # alice shares no channel with the bot: before her lines go, the server is asked who has
+    # her nick; its answer counts for the line it released and those written with it, until
+    # the writer next waits (a paced backlog: a WHO and a line per two tokens)
+    clock, delivery, link, writer = make(rate=1.0, burst=5, echo=True)
+    link.unwatched.add("alice")
+    delivery.put(ALICE, "PRIVMSG", lines(6, "a"))
+    start = clock.now
+    while clock.now < start + 10:
+        link.answer()                                    # echoes
+        before = len(link.wire)
+        pause = writer.step()
+        if any(line.startswith("WHO ") for _, line in link.wire[before:]):
+            clock.now += RTT
+            writer.checked("alice")                      # the server: still alice's
+            continue
+        clock.now += pause.seconds if pause.seconds is not None else 0.25
+    sent = [(round(when - start, 3), line) for when, line in link.wire if not line.startswith("PING")]
+    assert [line for _, line in sent] == ["WHO alice", *(f"PRIVMSG alice :a{i}" for i in range(4)),
+                                          "WHO alice", "PRIVMSG alice :a4", "WHO alice", "PRIVMSG alice :a5"]
+    assert [when for when, _ in sent] == pytest.approx([0, *[RTT] * 4, 2, 2 + RTT, 4, 4 + RTT], abs=2 * RTT)
+    assert delivery.pending() == 0
 
 
 def test_lines_follow_a_nick_change_and_are_dropped_when_the_person_quits(caplog: pytest.LogCaptureFixture) -> None:

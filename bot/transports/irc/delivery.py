@@ -26,9 +26,13 @@ channel the bot left) is dropped with its lines.
 Private lines to someone the server vouched for (a services account, or a
 user@host for hostmask identities) follow the person across NICK changes,
 and before each one leaves, the nick is checked to be still theirs
-(``roster.Roster.verify``; when that needs the server's word, the person's
-lines wait aside, not blocking anyone, until a WHO answers).  Lines whose
-nick changed hands are dropped, logged once.
+(``roster.Roster.verify``).  For someone in a channel with the bot that is a
+lookup: the server keeps the bot told.  Otherwise the person's lines wait
+aside, blocking no one, while a WHO asks the server; it is written only when
+two tokens are there, so that the line its answer releases goes at once, and
+the answer counts for that line and those written with it, before the writer
+next waits (a paced backlog asks again: two tokens a line).  Lines whose nick
+changed hands, or that nobody holds, are dropped, logged once.
 """
 from __future__ import annotations
 
@@ -90,6 +94,7 @@ class OutLine:
     seq: int = 0                 # set when written
     written: float = 0.0
     again: bool = False          # sent again after a reconnect: goes first
+    target: str = ""             # the name it was written to (the person may have changed nick since)
 
 
 class Tokens:
@@ -106,9 +111,10 @@ class Tokens:
         self._stamp = now
         return self._tokens
 
-    def delay(self) -> float:
+    def delay(self, needed: float = 1.0) -> float:
+        """How long until ``needed`` tokens are there."""
         tokens = self.available()
-        return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+        return 0.0 if tokens >= needed else (needed - tokens) / self.rate
 
     def take(self) -> None:
         self.available()
@@ -244,7 +250,7 @@ class Delivery:
     def echoed(self, command: str, target: str, text: str, fold: Callable[[str], str]) -> None:
         """Our own line came back: it, and every line written before it, was processed."""
         for line in self.unconfirmed:
-            if line.command == command and line.text == text and fold(line.dest.name) == fold(target):
+            if line.command == command and line.text == text and fold(line.target) == fold(target):
                 self.confirm(line.seq)
                 return
 
@@ -311,7 +317,7 @@ class Link(Protocol):
 
     def budget(self, command: str, target: str) -> int: ...
 
-    def verify(self, dest: Dest, any_age: bool) -> str:
+    def verify(self, dest: Dest, answered: bool) -> str:
         """``roster.Roster.verify`` for the person ``dest`` is bound to."""
 
     def ask(self, nick: str) -> str | None:
@@ -332,23 +338,32 @@ class Pause:
 
 class Writer:
     """The one writer of a connection: control lines first, then a
-    confirmation marker when one is due, then messages; every line spends a
-    token.  Lines that may go at once are written together, before the writer
-    next waits.  ``step`` decides without waiting (tests drive it with a fake
-    clock); ``session.Session.pump`` does the waiting."""
+    confirmation marker when one is due, then a WHO about a nick, then
+    messages; every line spends a token.  Lines that may go at once are
+    written together, before the writer next waits.  ``step`` decides without
+    waiting (tests drive it with a fake clock); ``session.Session.pump`` does
+    the waiting."""
 
     def __init__(self, delivery: Delivery, link: Link, rate: float, burst: int, clock: Clock) -> None:
         self.delivery = delivery
         self.link = link
         self.clock = clock
         self.tokens = Tokens(rate, burst, clock)
+        self.ask_tokens = min(2, burst)      # a WHO, and the line its answer releases
         self.batch: list[str] = []
-        self.vouched: set[Dest] = set()      # released after a check: its next line goes on that answer
+        self.asks: deque[str] = deque()      # nicks to ask the server about
+        self.answered: set[Dest] = set()     # a WHO answered: their next line goes on that answer ...
+        self.burst: set[Dest] = set()        # ... and so do the lines written with it
 
     def flush(self) -> None:
         if self.batch:
             self.link.write_lines(self.batch)
             self.batch.clear()
+
+    def pause(self, seconds: float | None, wake: bool = False) -> Pause:
+        self.flush()
+        self.burst.clear()                   # what a WHO answer said is stale once we wait
+        return Pause(seconds, wake)
 
     def step(self) -> Pause:
         """Write (into the batch) what may go now; flush and say how to wait."""
@@ -362,13 +377,12 @@ class Writer:
                 return Pause(None, stop=True)
             sending = lanes.ready() > 0 and not quitting
             want_marker = self.marker_due(sending)
-            if not (link.control or sending or want_marker):
-                self.flush()
-                return Pause(ECHO_GRACE / 3 if unconfirmed else None, wake=True)
+            asking = bool(self.asks) and not quitting
+            if not (link.control or sending or want_marker or asking):
+                return self.pause(ECHO_GRACE / 3 if unconfirmed else None, wake=True)
             delay = self.tokens.delay()
             if delay > 0 or len(self.batch) >= MAX_BATCH:
-                self.flush()
-                return Pause(delay)
+                return self.pause(delay)
             if link.control:
                 self.batch.append(link.control.popleft())
             elif want_marker:
@@ -376,6 +390,14 @@ class Writer:
                 token = f"rb{link.number}.{link.marker_count}"
                 link.marker = (token, unconfirmed[-1].seq)
                 self.batch.append(f"PING :{token}")
+            elif asking:
+                delay = self.tokens.delay(self.ask_tokens)
+                if delay > 0:
+                    return self.pause(delay)
+                question = link.ask(self.asks.popleft())
+                if question is None:
+                    continue                    # already asked: its answer will come
+                self.batch.append(question)
             else:
                 head = lanes.head()
                 assert head is not None
@@ -390,37 +412,39 @@ class Writer:
         """Whether ``dest``'s next line may go now (see the module docstring)."""
         if not dest.bound:
             return True
-        verdict = self.link.verify(dest, dest in self.vouched)
+        verdict = self.link.verify(dest, dest in self.answered or dest in self.burst)
         if verdict == OK:
             return True
+        self.answered.discard(dest)
         lanes = self.delivery.lanes
         if verdict == UNKNOWN:
             lanes.hold(dest, self.clock())
-            question = self.link.ask(dest.name)
-            if question is not None:
-                self.link.control.append(question)
+            if dest.name not in self.asks:
+                self.asks.append(dest.name)
             return False
-        why = {CHANGED: "the nick is someone else's now", GONE: "the nick is gone"}.get(
-            verdict, "this server cannot tell who holds the nick now")
+        why = {CHANGED: "the nick is someone else's now", GONE: "nobody has the nick now"}.get(
+            verdict, "this server cannot tell who has the nick now")
         self.delivery.drop(dest, why)
         return False
 
     def _write(self, dest: Dest, line: OutLine) -> None:
-        self.vouched.discard(dest)
+        if dest in self.answered:
+            self.answered.discard(dest)
+            self.burst.add(dest)
         head, rest = split_utf8(line.text, self.link.budget(line.command, dest.name))
         if rest:                                # our own prefix grew since it was cut (a longer nick)
             self.delivery.lanes.push_front(dest, OutLine(dest, line.command, rest, again=line.again))
         self.delivery.seq += 1
-        sent = OutLine(dest, line.command, head, self.delivery.seq, self.clock())
+        sent = OutLine(dest, line.command, head, self.delivery.seq, self.clock(), target=dest.name)
         self.batch.append(f"{line.command} {dest.name} :{head}")
         self.delivery.unconfirmed.append(sent)
 
     def checked(self, key: str) -> None:
-        """The server answered about a nick: its next line goes on that answer
-        (however long pacing holds it), later ones on fresh news."""
+        """The server answered a WHO about a nick: the lines held for it are
+        back in line, their next one to go on that answer."""
         for dest in list(self.delivery.lanes.held_since):
             if dest.key == key:
-                self.vouched.add(dest)
+                self.answered.add(dest)
         self.delivery.checked(key)
 
     def marker_due(self, sending: bool) -> bool:

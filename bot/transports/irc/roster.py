@@ -8,9 +8,10 @@ line leaves, that its nick is still held by the person who asked (``verify``):
 an answer queued by nick must not reach whoever took the nick meanwhile.
 
 What the server keeps us told about (a user in a shared channel: JOIN, PART,
-KICK, QUIT, NICK, and ``account-notify`` for logins) stays current; anything
-else is only as good as the moment it was learnt, so it is trusted for
-``CHECK_FRESH`` seconds.
+KICK, QUIT, NICK, and ``account-notify`` for logins) stays current.  Anything
+else is stale as soon as it is learnt: a nick that shares no channel with the
+bot can change hands unseen, so a WHO answer about it counts only for the
+lines written right after it (``delivery.Writer`` says which).
 """
 from __future__ import annotations
 
@@ -22,10 +23,6 @@ from bot.transports.irc.text import Fold, casefolder
 
 log = logging.getLogger(__name__)
 
-# What a WHO answer about a nick that shares no channel with the bot vouches
-# for: lines written within this long after it (a burst goes together; a paced
-# backlog asks again before its next line, one token more per line).
-CHECK_FRESH = 0.5
 CHECK_TIMEOUT = 15.0            # a WHO not answered by then is asked again
 WHOX_TOKEN = "471"
 WHOX_FIELDS = "%tcuhna"         # replies: token channel user host nick account
@@ -196,12 +193,12 @@ class Roster:
             return None
         return person.account
 
-    def verify(self, nick: str, account: str | None, userhost: str | None, *, any_age: bool = False) -> str:
+    def verify(self, nick: str, account: str | None, userhost: str | None, *, answered: bool = False) -> str:
         """Whether ``nick`` is still held by who asked: logged in as ``account``
         or, without one, connected from ``userhost``.  OK, CHANGED (someone
         else holds it), GONE (nobody), UNKNOWN (ask the server: ``ask``) or
-        UNCHECKABLE.  ``any_age``: a WHO answer counts however old it is (the
-        first line after the answer it was waiting for)."""
+        UNCHECKABLE.  ``answered``: the server just answered a WHO about it;
+        otherwise only what stays current counts (someone in a shared channel)."""
         key = self.fold(nick)
         person = self.people.get(key)
         if person is not None:
@@ -210,16 +207,16 @@ class Roster:
             if account is None and person.userhost is not None:
                 return OK if person.userhost == userhost else CHANGED
         seen = self.seen.get(key)
-        if seen is None or self.clock() - seen.at > (CHECK_TIMEOUT if any_age else CHECK_FRESH):
+        if not answered or seen is None or self.clock() - seen.at > CHECK_TIMEOUT:
             return UNKNOWN
         if not seen.online:
             return GONE
         if account is not None:
             if not seen.account_known:
-                return UNKNOWN if self.whox else UNCHECKABLE
+                return UNCHECKABLE
             return OK if seen.account == account else CHANGED
         if seen.userhost is None:
-            return UNKNOWN
+            return UNCHECKABLE
         return OK if seen.userhost == userhost else CHANGED
 
     def ask(self, nick: str) -> str | None:

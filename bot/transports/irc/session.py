@@ -157,8 +157,8 @@ class Session:
         user = self.user or "~" + (self.config.username or self.config.nick)[:10]
         return text_budget(self.nick, user, self.host, command, target)
 
-    def verify(self, dest: Dest, any_age: bool) -> str:
-        return self.roster.verify(dest.name, dest.account, dest.userhost, any_age=any_age)
+    def verify(self, dest: Dest, answered: bool) -> str:
+        return self.roster.verify(dest.name, dest.account, dest.userhost, answered=answered)
 
     def ask(self, nick: str) -> str | None:
         return self.roster.ask(nick)
