@@ -111,6 +111,14 @@ MIGRATIONS: list[str] = [
     );
     ALTER TABLE instances ADD COLUMN definition TEXT;
     """,
+    # 3: participants' own tables have numbered migrations too, counted per
+    # participant (Store.migrate_participant)
+    """
+    CREATE TABLE participant_migrations (
+        owner TEXT PRIMARY KEY,
+        version INTEGER NOT NULL
+    );
+    """,
 ]
 
 
@@ -444,6 +452,36 @@ class Store:
         log.error("transition not written: %s", failure)
         return NotWritten(f"transition not written: {failure}", frozenset(blamed))
 
+    # -- participants' own tables ----------------------------------------------------
+
+    async def migrate_participant(self, owner: str, migrations: Sequence[str]) -> int:
+        """Bring ``owner``'s own tables (a participant's) up to date:
+        ``migrations[n]`` (an SQL script) takes them from version n to n + 1,
+        and ``participant_migrations`` remembers each owner's version.  The
+        missing ones are written through the writer as one commit, with the
+        new version, so they are applied whole or not at all.  Returns how
+        many were applied.  Raises StoreError naming the owner."""
+        def version(c: sqlite3.Connection) -> int:
+            row = c.execute("SELECT version FROM participant_migrations WHERE owner = ?", (owner,)).fetchone()
+            return int(row[0]) if row else 0
+        current = await self.read(version)
+        if current > len(migrations):
+            raise StoreError(f"database {self.path}: {owner}'s tables are at version {current}, newer than "
+                             f"this bot's ({len(migrations)}); upgrade the bot")
+        ops: list[Op] = []
+        for number in range(current, len(migrations)):
+            ops += [(sql, (), False) for sql in _statements(migrations[number])]
+            ops.append(("INSERT INTO participant_migrations (owner, version) VALUES (?, ?) "
+                        "ON CONFLICT(owner) DO UPDATE SET version = excluded.version", (owner, number + 1), False))
+        if ops:
+            try:
+                await self.commit(ops)
+            except StoreError as exc:
+                raise StoreError(f"database {self.path}: {owner}'s migrations {current + 1}-{len(migrations)} "
+                                 f"failed: {exc}") from None
+            log.info("database %s: %s's tables migrated to version %d", self.path, owner, len(migrations))
+        return len(migrations) - current
+
     # -- reading -----------------------------------------------------------------
 
     def _conn(self) -> sqlite3.Connection:
@@ -626,6 +664,21 @@ _INSTANCE_SQL = ("INSERT INTO instances (id, process, status, parent_id, parent_
                  "serial = excluded.serial, error = excluded.error, updated = excluded.updated")
 _HISTORY_SQL = ("INSERT INTO history (instance_id, at, path, step, event, actor, detail) "
                 "VALUES (?,?,?,?,?,?,?)")
+
+
+def _statements(script: str) -> list[str]:
+    """An SQL script's statements, one by one (the writer runs one per op)."""
+    out: list[str] = []
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \t\r\n;"):
+                out.append(pending.strip())
+            pending = ""
+    if pending.strip(" \t\r\n;"):
+        out.append(pending.strip())     # no final ';': incomplete, and SQLite will say so
+    return out
 
 
 def _execute(conn: sqlite3.Connection, ops: Sequence[Op]) -> None:
