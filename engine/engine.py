@@ -38,6 +38,7 @@ from engine.definitions import ProcessSpec, parse_definition
 from engine.errors import EngineError, NoSuchInstance, NoSuchWorkitem, NotAllowedNow, UnknownProcess
 from engine.events import Event, EventBus
 from engine.instances import ACTIVE, CancelInstance, ChildFinished, Instance, Launch, Status, Transition
+from engine.participant_runtime import ParticipantEnv, participant_services
 from engine.participants import ParticipantRegistry, Reply, Workitem
 from engine.runs import RunState, runs_from_json, runs_to_json
 from engine.schedules import ScheduleInfo as ScheduleInfo   # re-exported: bot/rendering.py imports it from here
@@ -101,7 +102,7 @@ class Engine:
     def __init__(self, store: Store, specs: Mapping[str, ProcessSpec], participants: ParticipantRegistry,
                  *, clock: Clock | None = None, bus: EventBus | None = None,
                  schedules: Iterable[ScheduleSpec] = (), use_scheduler: bool = True,
-                 timezone: str = "UTC") -> None:
+                 timezone: str = "UTC", participant_env: ParticipantEnv | None = None) -> None:
         self.store = store
         self.specs = dict(specs)
         self.participants = participants
@@ -120,6 +121,7 @@ class Engine:
         self._old_specs: dict[str, ProcessSpec] = {}     # earlier versions still running somewhere
         self._tasks: set[asyncio.Task[Any]] = set()
         self.started = False
+        self.participant_env = participant_env or ParticipantEnv()   # config, users: for participants' setup
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -129,7 +131,7 @@ class Engine:
         await self.store.commit([self.store.definition_op(
             [(s.digest, s.name, s.source, now) for s in self.specs.values() if s.digest])])
         for participant in self.participants.all():
-            await participant.setup(self)
+            await participant.setup(await participant_services(self, participant, self.participant_env))
         await self._schedules.sync()
         redo = await self.store.workitems(state="dispatched")
         for row in redo:

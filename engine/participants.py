@@ -2,14 +2,35 @@
 
 ``consume`` gets a ``Workitem`` and answers with a ``Reply``: done (with
 fields to merge), failed (error text), or pending -- the participant keeps
-the workitem and answers later through ``Engine.reply(key, ...)`` (human
+the workitem and answers later through ``services.reply(key, ...)`` (human
 approvals, remote work).  ``key`` is stable across re-dispatch after a crash,
 so a participant with side effects uses it to act at most once.
+
+A participant's life:
+
+1. ``check_config(section)``: its own section of bot.yaml
+   (``participants: {<name>: {...}}``), checked by ``run_bot.py check`` and at
+   start with the other configuration (problems as ``file:line``).  What it
+   returns reaches ``setup`` as ``services.config``.
+2. ``check_params(params, config)``: each step that uses it, as written in the
+   definition (templates not rendered yet), when definitions are checked.
+3. ``migrations``: its own tables, created and changed by numbered SQL
+   scripts the store runs before ``setup`` (``engine.participant_runtime``).
+4. ``setup(services)``: once at start, before any workitem: configuration,
+   clock, user directory, ``reply``, storage.
+5. ``consume`` / ``on_timer`` / ``cancel`` for each step; ``shutdown`` at a
+   clean stop.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, ClassVar, Mapping, Protocol, Sequence
+
+from engine.configkit import Section
+
+if TYPE_CHECKING:
+    from engine.participant_runtime import Storage
+    from engine.store import Op
 
 
 @dataclass(frozen=True)
@@ -20,7 +41,7 @@ class Workitem:
     path: str
     step: str                 # the step's name as people see it
     participant: str
-    params: Mapping[str, Any]
+    params: Mapping[str, Any]     # rendered: templates already evaluated over the fields
     fields: Mapping[str, Any]
 
 
@@ -29,27 +50,112 @@ class Reply:
     kind: str                 # "done" | "failed" | "pending"
     fields: Mapping[str, Any] = field(default_factory=dict)
     error: str = ""
+    ops: tuple[Op, ...] = ()
+    """Statements on the participant's own tables (``services.storage.op``)
+    written in the same commit as the transition that applies this answer,
+    and only if the answer is applied (the step was still open)."""
 
     @staticmethod
-    def done(fields: Mapping[str, Any] | None = None) -> "Reply":
-        return Reply("done", dict(fields or {}))
+    def done(fields: Mapping[str, Any] | None = None, *, ops: Sequence[Op] = ()) -> "Reply":
+        return Reply("done", dict(fields or {}), ops=tuple(ops))
 
     @staticmethod
-    def failed(error: str) -> "Reply":
-        return Reply("failed", error=error or "failed")
+    def failed(error: str, *, ops: Sequence[Op] = ()) -> "Reply":
+        return Reply("failed", error=error or "failed", ops=tuple(ops))
 
     @staticmethod
     def pending() -> "Reply":
         return Reply("pending")
 
 
+# -- services: what a participant may use, and nothing more -----------------------------
+
+class Clock(Protocol):
+    def now(self) -> float:
+        """Seconds since the epoch (the engine's clock: manual in tests)."""
+
+
+class DirectoryUser(Protocol):
+    """A user from users.yaml, as a participant sees one."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def emails(self) -> tuple[str, ...]: ...
+
+    def roles_on(self, project: str | None) -> frozenset[str]:
+        """Roles on ``project``, inherited from its parents (``Foo:Bar`` from ``Foo``) and ``"*"``."""
+
+    def has_role(self, role: str, project: str | None = None) -> bool:
+        """``role`` on ``project``, or admins there (who may do everything)."""
+
+
+class UserDirectory(Protocol):
+    """Who the users are (``bot.access.Directory`` is one)."""
+
+    def user(self, name: str) -> DirectoryUser | None:
+        """The user called ``name`` in users.yaml, if any."""
+
+    def holders(self, role: str, project: str | None = None) -> Sequence[DirectoryUser]:
+        """Users holding ``role`` on ``project`` (inherited from a parent project
+        or ``"*"`` counts; being an admin does not), by name."""
+
+
+class ReplyFn(Protocol):
+    """``Engine.reply``: answer a dispatched or pending workitem later."""
+
+    def __call__(self, key: str, reply: Reply, *, actor: str = "") -> Awaitable[None]: ...
+
+
+StepParams = Callable[[Workitem], Awaitable[Mapping[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Services:
+    """Handed to ``Participant.setup`` once, before any workitem."""
+
+    config: Any               # what check_config returned for the participant's section of bot.yaml
+    clock: Clock
+    users: UserDirectory
+    reply: ReplyFn
+    storage: Storage          # the participant's own tables (engine.participant_runtime.Storage)
+    step_params: StepParams
+    """The params of a workitem's step as written in the definition its
+    instance runs, before rendering: to tell what the definition says from
+    what came from fields (``participants/argsafety.py``)."""
+    outbox: Any = None
+    """Reserved for the durable outbox (messages written in the commit of the
+    transition that causes them); None until it exists."""
+
+
 class Participant:
     """Base class.  Subclasses set ``name`` and implement ``consume``."""
 
     name: ClassVar[str] = ""
+    migrations: ClassVar[Sequence[str]] = ()
+    """SQL scripts creating and changing the participant's own tables, all
+    named ``<name>_...``: ``migrations[n]`` takes them from version n to n+1.
+    Run by the store at start, before ``setup``; append, never edit a shipped one."""
 
-    async def setup(self, engine: Any) -> None:
-        """Called once before any workitem; ``engine`` is for later replies."""
+    def check_config(self, section: Section) -> Any:
+        """Check this participant's section of bot.yaml (empty when absent) and
+        return what ``setup`` gets as ``services.config``.  Report problems with
+        ``section.problem(key, message)`` (they stop the bot from starting and
+        ``check`` prints them as ``file:line``), never raise.  The default
+        takes no keys."""
+        for key in list(section.node):
+            section.problem(key, f"unknown key {key!r}: participant {self.name} takes no configuration")
+        return None
+
+    def check_params(self, params: Mapping[str, Any], config: Any) -> list[str]:
+        """Problems with one step's params as written in its definition
+        (templates not rendered), each a message; checked with the definitions.
+        ``config`` is what ``check_config`` returned."""
+        return []
+
+    async def setup(self, services: Services) -> None:
+        """Called once before any workitem."""
 
     async def shutdown(self) -> None:
         """Called once at clean shutdown."""
@@ -68,6 +174,10 @@ class Participant:
 
     async def cancel(self, workitem: Workitem) -> None:
         """The step was cancelled (instance cancelled, timeout, branch lost a race)."""
+
+
+class DiscoveryError(Exception):
+    """A participant could not be found or loaded (one line, naming it)."""
 
 
 class ParticipantRegistry:
@@ -91,3 +201,7 @@ class ParticipantRegistry:
 
     def all(self) -> list[Participant]:
         return list(self._by_name.values())
+
+    def by_name(self) -> dict[str, Participant]:
+        """name -> participant: what ``bot.config.load_config`` checks sections and steps with."""
+        return dict(self._by_name)
