@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Chat front-end benchmarks against real servers started here (ngircd,
-prosody).  Prints one ``name=value`` line per figure:
+InspIRCd, prosody).  Prints one ``name=value`` line per figure:
 
   irc_command_rtt_p50_ms / _p99_ms    1,000 commands from a real IRC client, one at a time
   xmpp_command_rtt_p50_ms / _p99_ms   the same over XMPP
   irc_notice_lines_per_s              output rate with pacing on (and irc_disconnects)
+  irc_fair_wait_ms_p99                another user's one-line answer while a 200-line answer
+                                      drains at the default pacing (InspIRCd; target <= 2000)
 """
 from __future__ import annotations
 

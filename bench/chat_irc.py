@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""IRC front-end benchmark against a real ngircd started here
-(``MaxPenaltyTime = 0``: the server does not throttle, so the bot is measured).
+"""IRC front-end benchmark against real servers started here: ngircd with
+``MaxPenaltyTime = 0`` (the server does not throttle, so the bot is measured)
+and, for fairness, InspIRCd's DEFAULT connect class (which does throttle).
 
   irc_command_rtt_p50_ms / _p99_ms   1,000 ``ps`` commands from a real client, one at a
                                      time, answered from a real engine and SQLite file
@@ -12,6 +13,14 @@
                                      after the burst; the wire carries 10 messages/s, and
                                      under a backlog one in MARKER_LINES + 1 is a
                                      confirmation PING; target >= 9)
+  irc_fair_wait_ms_p99               another user's one-line answer (``help whoami`` in a
+                                     channel), timed from send to arrival, while the bot
+                                     drains a 200-line private answer (capped to
+                                     max_queued_lines, topped up) at the default pacing
+                                     (1 line/s, burst 5) on InspIRCd's DEFAULT connect
+                                     class; FAIR_SAMPLES commands at random moments
+                                     (target <= 2000: a one-line answer waits for at
+                                     most one token)
   irc_disconnects                    connections the bots lost meanwhile (must be 0)
 
 ``python bench/chat_irc.py`` prints ``name=value`` lines.
@@ -20,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import shutil
 import statistics
 import sys
@@ -31,19 +41,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.chat_common import INSTANCES, close, ps_engine  # noqa: E402
 from bot.access import Directory, IrcIds, User  # noqa: E402
-from bot.chat import Room  # noqa: E402
+from bot.chat import Identity, Room  # noqa: E402
 from bot.commands import Dispatcher, default_registry  # noqa: E402
 from bot.router import Router  # noqa: E402
 from bot.transports.irc import IrcConfig, IrcTransport  # noqa: E402
 from engine.engine import Engine  # noqa: E402
 from tests.serverkit import ServerMissing  # noqa: E402
-from tests.serverkit.irc import Human, start_ngircd  # noqa: E402
+from tests.serverkit.irc import Human, start_inspircd_anope, start_ngircd  # noqa: E402
 
 COMMANDS = 1000
 WARMUP = 50
 PACED_LINES = 60
 PACED_RATE = 10.0
 PACED_BURST = 5
+FAIR_SAMPLES = 30
+FLOOD_LINES = 200
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -80,6 +92,7 @@ async def run() -> dict[str, float]:
         await human.join("#bench")
 
         async def ps() -> None:
+            assert human is not None
             human.say("#bench", "!ps")
             lines = await human.messages_from("benchbot", INSTANCES, 10)
             assert lines[0].text.startswith("bencher: #") and lines[-1].text.startswith("#"), lines[-1].raw
@@ -106,20 +119,60 @@ async def run() -> dict[str, float]:
             arrivals.append(time.perf_counter())
         steady = arrivals[PACED_BURST - 1:]          # from the last line of the burst on
         rate = (len(steady) - 1) / (steady[-1] - steady[0])
+
+        # 3. fairness, on a server that enforces flood limits
+        waits = await _fair_waits(engine, directory, bots)
         return {
             "irc_command_rtt_p50_ms": statistics.median(rtts),
             "irc_command_rtt_p99_ms": _percentile(rtts, 0.99),
             "irc_notice_lines_per_s": rate,
+            "irc_fair_wait_ms_p99": _percentile(waits, 0.99),
             "irc_disconnects": float(sum(b.disconnects for b in bots)),
         }
     finally:
         if human is not None:
             await human.close()
         for b in bots:
-            await b.close(flush_timeout=1)
+            await b.close(flush_timeout=0)
         server.stop()
         await close(engine, store)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+async def _fair_waits(engine: Engine, directory: Path, bots: list[IrcTransport]) -> list[float]:
+    """Milliseconds from ``!help whoami`` to its answer while another user's long
+    answer drains at the default pacing (see the module docstring)."""
+    try:
+        insp = start_inspircd_anope("bench-insp-", services=False)
+    except ServerMissing as exc:
+        raise SystemExit(str(exc)) from None
+    clients: list[Human] = []
+    try:
+        bot = await _bot(engine, insp.port, "fairbot", "#fair")          # default pacing
+        bots.append(bot)
+        flooder, asker = await asyncio.gather(Human.connect(insp.helper_port, "flooder"),
+                                              Human.connect(insp.helper_port, "asker"))
+        clients += [flooder, asker]
+        await asyncio.gather(flooder.join("#fair"), asker.join("#fair"))
+        flood = Identity("irc", "bench", "flooder")
+        rng = random.Random(7)
+        waits: list[float] = []
+        for _ in range(FAIR_SAMPLES):
+            if bot.pending() < FLOOD_LINES // 10:                         # keep a long answer draining
+                await bot.send(flood, "\n".join(f"flood {i:03d}" for i in range(FLOOD_LINES)))
+            await asyncio.sleep(rng.uniform(0.2, 1.5))                    # a random moment of the pacing
+            start = time.perf_counter()
+            asker.say("#fair", "!help whoami")
+            await asker.expect(lambda m: m.command == "PRIVMSG" and m.nick == "fairbot"
+                               and m.text.startswith("asker: whoami"), 30)
+            waits.append((time.perf_counter() - start) * 1000)
+        assert bot.disconnects == 0 and bot.connected
+        await bot.close(flush_timeout=0)          # before its server goes (and the flooder with it)
+        return waits
+    finally:
+        for client in clients:
+            await client.close()
+        insp.cleanup()
 
 
 def main() -> None:
