@@ -2,7 +2,7 @@
 markers, echo grace, spare tokens), fairness between targets, the cap, the
 check of who holds a nick, and resending after a reconnect, driven by a fake
 clock and a fake connection that answers marker PINGs and echoes lines after
-a round trip."""
+a round trip; and the roster those checks ask."""
 from __future__ import annotations
 
 import logging
@@ -12,7 +12,7 @@ import pytest
 
 from bot.outqueue import overflow_note
 from bot.transports.irc.delivery import (ECHO_GRACE, MARKER_AGE, MARKER_LINES, Delivery, Dest, Writer)
-from bot.transports.irc.roster import CHANGED, GONE, OK, UNKNOWN
+from bot.transports.irc.roster import CHANGED, GONE, OK, UNCHECKABLE, UNKNOWN, Roster
 
 RTT = 0.01
 
@@ -258,7 +258,6 @@ def test_unconfirmed_lines_go_again_first_and_in_order_on_the_next_connection() 
 def test_leaving_waits_until_every_written_line_is_confirmed() -> None:
     clock, delivery, link, writer = make(rate=100.0, burst=5)
     delivery.put(ROOM, "PRIVMSG", lines(3))
-    link.due.clear()
     writer.step()                                        # written, not yet confirmed
     assert len(delivery.unconfirmed) == 3
     link.quitting = "reconnecting to log in"
@@ -377,3 +376,67 @@ def test_a_nick_that_is_gone_drops_its_lines() -> None:
     delivery.put(ALICE, "PRIVMSG", lines(3))
     run(clock, link, writer, 1)
     assert link.messages() == [] and delivery.pending() == 0
+
+
+# -- the roster: who holds a nick ----------------------------------------------------------------------
+
+def roster(*caps: str, whox: bool = True) -> tuple[Clock, Roster]:
+    clock = Clock()
+    view = Roster(clock)
+    view.caps = set(caps)
+    view.whox = whox
+    view.joined_channel("#ops")
+    return clock, view
+
+
+def test_someone_in_a_shared_channel_is_checked_from_what_the_server_keeps_telling() -> None:
+    _, view = roster("account-notify", "extended-join")
+    view.joined_by("alice", "alice@host.example", "#ops", "alice", known=True)
+    assert view.verify("alice", "alice", None) == OK
+    assert view.verify("Alice", None, "alice@host.example") == OK               # casefolded
+    view.account_changed("alice", None)                                          # logged out
+    assert view.verify("alice", "alice", None) == CHANGED
+    view.account_changed("alice", "alice")
+    view.renamed("alice", "alice_away")
+    assert view.verify("alice_away", "alice", None) == OK
+    assert view.verify("alice", "alice", None) == UNKNOWN                        # not watched: ask
+    view.left("alice_away", "#ops")                                              # no shared channel left
+    assert view.verify("alice_away", "alice", None) == UNKNOWN
+
+
+def test_a_nick_the_bot_cannot_watch_counts_only_on_a_fresh_who_answer() -> None:
+    clock, view = roster("account-notify")
+    assert view.verify("bob", "bob", None) == UNKNOWN
+    assert view.ask("bob") == "WHO bob %tcuhna,471"
+    assert view.ask("bob") is None                                               # on its way already
+    view.who_reply("*", "bob", "bob@h", "bob", known=True)
+    assert view.who_end("bob")
+    assert view.verify("bob", "bob", None, answered=True) == OK
+    assert view.verify("bob", "bob", None) == UNKNOWN                            # stale at once
+    assert view.verify("bob", "eve", None, answered=True) == CHANGED
+    clock.now += 20
+    assert view.ask("bob") is not None
+    assert view.who_end("bob")                                                   # no reply line: nobody
+    assert view.verify("bob", "bob", None, answered=True) == GONE
+
+
+def test_without_whox_a_services_account_cannot_be_checked_but_a_user_at_host_can() -> None:
+    _, view = roster(whox=False)
+    assert view.ask("carol") == "WHO carol"
+    view.who_reply("#elsewhere", "carol", "carol@h")                            # plain WHO: no account
+    assert view.who_end("carol")
+    assert view.verify("carol", "carol", None, answered=True) == UNCHECKABLE
+    assert view.verify("carol", None, "carol@h", answered=True) == OK
+    assert view.verify("carol", None, "mallory@h", answered=True) == CHANGED
+
+
+def test_names_and_who_on_join_tell_who_shares_the_channel() -> None:
+    _, view = roster("account-notify")
+    view.prefixes = "~&@%+"
+    view.names("#ops", ["@dave", "+erin", "frank"])
+    view.names("#elsewhere", ["gina"])                                           # not ours
+    assert set(view.people) == {"dave", "erin", "frank"}
+    view.who_reply("#ops", "dave", "dave@h", "dave", known=True)
+    assert view.verify("dave", "dave", None) == OK and view.account_of("dave") == "dave"
+    view.left_channel("#ops")
+    assert view.people == {}

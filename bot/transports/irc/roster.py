@@ -65,7 +65,7 @@ class Roster:
         self.prefixes = "@+"                     # ISUPPORT PREFIX symbols (in NAMES replies)
         self.joined: set[str] = set()            # folded channels the bot is in
         self.people: dict[str, Person] = {}      # folded nick -> someone sharing a channel
-        self.seen: dict[str, Seen] = {}          # folded nick -> the last WHO answer about it
+        self.seen: dict[str, Seen] = {}          # folded nick -> what the last WHO about it answered
         self.asked: dict[str, float] = {}        # folded nick -> when a WHO about it went out
 
     # -- what the server tells us --------------------------------------------------------
@@ -120,7 +120,8 @@ class Roster:
             person.userhost = userhost or person.userhost
             if known:
                 person.account, person.account_known = account, True
-        self.seen[key] = Seen(self.clock(), True, userhost, account, known)
+        if key in self.asked:          # an answer to our question (not a channel's member list)
+            self.seen[key] = Seen(self.clock(), True, userhost, account, known)
 
     def who_end(self, mask: str) -> bool:
         """End of a WHO list; True when it answered a question about a nick.
@@ -141,15 +142,13 @@ class Roster:
         self.seen.pop(self.fold(nick), None)
 
     def spoke(self, nick: str, userhost: str | None, account: str | None = None, known: bool = False) -> None:
-        """A message from ``nick``: its prefix is fresh news of who holds the
-        nick (``known``: with account-tag, which tells its account)."""
-        key = self.fold(nick)
-        person = self.people.get(key)
+        """A message from someone in a shared channel: its prefix is news of
+        who holds the nick (``known``: with account-tag, which tells its account)."""
+        person = self.people.get(self.fold(nick))
         if person is not None:
             person.userhost = userhost or person.userhost
             if known:
                 person.account, person.account_known = account, True
-        self.seen[key] = Seen(self.clock(), True, userhost, account, known)
 
     def renamed(self, old: str, new: str) -> None:
         """``old`` is now ``new`` (a NICK seen in a shared channel)."""
@@ -174,7 +173,7 @@ class Roster:
     def quit(self, nick: str) -> None:
         key = self.fold(nick)
         self.people.pop(key, None)
-        self.seen[key] = Seen(self.clock(), False)
+        self.seen.pop(key, None)
 
     def _person(self, nick: str) -> Person:
         key = self.fold(nick)
@@ -223,8 +222,11 @@ class Roster:
         """The WHO line to send about ``nick``, unless one is already on its way."""
         key = self.fold(nick)
         now = self.clock()
-        if now - self.asked.get(key, -CHECK_TIMEOUT) < CHECK_TIMEOUT:
+        if now - self.asked.get(key, now - CHECK_TIMEOUT) < CHECK_TIMEOUT:
             return None
+        if len(self.seen) + len(self.asked) > 256:     # only fresh answers count: forget the rest
+            self.seen = {k: v for k, v in self.seen.items() if now - v.at <= CHECK_TIMEOUT}
+            self.asked = {k: t for k, t in self.asked.items() if now - t < CHECK_TIMEOUT}
         self.asked[key] = now
         return f"WHO {nick} {WHOX_FIELDS},{WHOX_TOKEN}" if self.whox else f"WHO {nick}"
 
