@@ -44,6 +44,13 @@ MERGES = ("union", "first", "last", "none")
 PROCESS_KEYS = ("name", "description", "project", "launch_roles", "fields", "steps",
                 "timeout", "on_timeout", "on_error")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+# The definition language: what a definition's keys mean.  Each stored
+# definition records the language it was written in, and an instance keeps
+# its definition's language for good (``Engine._spec_of``), so a new default
+# never changes what an instance launched earlier does.  Language 1 is every
+# definition stored before languages were recorded.
+LANGUAGE = 2
+LANGUAGES = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -106,7 +113,8 @@ class ProcessSpec:
     parents: Mapping[str, str] = field(repr=False, default_factory=dict)
     subprocess_refs: tuple[tuple[str, int], ...] = ()
     source: str = field(repr=False, default="")   # the YAML text: stored with the instances that use it
-    digest: str = ""                               # identifies this version of the definition
+    digest: str = ""                               # identifies this version of the definition (and language)
+    language: int = LANGUAGE                       # the definition language it is read in
 
     def parent(self, path: str) -> StepSpec | None:
         p = self.parents.get(path)
@@ -412,8 +420,19 @@ def _parse_until_ok(text: str) -> bool:
         return False
 
 
+def digest_of(source: str, language: int) -> str:
+    """What identifies a stored definition: its text, and from language 2 on its
+    language (language 1's digests are those stored before languages were)."""
+    text = source if language == 1 else f"language {language}\n{source}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def parse_definition(data: Any, file: str, stem: str, participants: frozenset[str] | None,
-                     source: str = "") -> tuple[ProcessSpec | None, list[Problem]]:
+                     source: str = "", language: int = LANGUAGE) -> tuple[ProcessSpec | None, list[Problem]]:
+    """``language``: the definition language to read it in; today's for the
+    definitions on disk, the stored one for a definition an instance runs on."""
+    if language not in LANGUAGES:
+        raise ValueError(f"unknown definition language {language}")
     p = _Parser(file, participants)
     if not isinstance(data, Node):
         p.problem(1, "a process definition must be a mapping with at least 'steps'")
@@ -455,7 +474,7 @@ def parse_definition(data: Any, file: str, stem: str, participants: frozenset[st
     spec = ProcessSpec(name=name, file=file, description=str(data.get("description", "")),
                        project=project, launch_roles=tuple(roles), fields=dict(fields), root=root,
                        steps=dict(p.steps), parents=dict(p.parents), source=source,
-                       digest=hashlib.sha256(source.encode()).hexdigest()[:16] if source else "",
+                       digest=digest_of(source, language) if source else "", language=language,
                        subprocess_refs=tuple(p.subprocess_refs))
     return spec, p.problems
 

@@ -129,7 +129,7 @@ class Engine:
         self._next_id = await self.store.max_instance_id() + 1
         now = self.clock.now()
         await self.store.commit([self.store.definition_op(
-            [(s.digest, s.name, s.source, now) for s in self.specs.values() if s.digest])])
+            [(s.digest, s.name, s.source, now, s.language) for s in self.specs.values() if s.digest])])
         for participant in self.participants.all():
             await participant.setup(await participant_services(self, participant, self.participant_env))
         await self._schedules.sync()
@@ -314,7 +314,7 @@ class Engine:
         return Instance(row.id, spec, row.fields, status=Status(row.status), runs=runs_from_json(row.runs),
                         parent=(row.parent_id, row.parent_path or "") if row.parent_id else None,
                         project=row.project, created=row.created, updated=row.updated,
-                        serial=row.serial, error=row.error)
+                        serial=row.serial, error=row.error, handled=row.handled)
 
     async def _get(self, iid: int) -> Instance | None:
         inst = self._instances.get(iid)
@@ -375,12 +375,12 @@ class Engine:
         spec = self._known_spec(row)
         if spec is not None:
             return spec
-        stored = await self.store.definition_source(row.definition) if row.definition else None
+        stored = await self.store.stored_definition(row.definition) if row.definition else None
         if stored is None:
             raise EngineError(f"#{row.id}: process {row.process!r} is no longer defined")
-        name, source = stored
+        name, source, language = stored
         old, problems = parse_definition(loads_yaml(source, f"{name}@{row.definition}"),
-                                         f"{name}@{row.definition}", name, None, source)
+                                         f"{name}@{row.definition}", name, None, source, language)
         if old is None:
             raise EngineError(f"#{row.id}: stored definition {name}@{row.definition} does not load: "
                               + "; ".join(map(str, problems)))
@@ -389,8 +389,8 @@ class Engine:
             # checks are for new launches, not a reason to strand what already runs
             log.warning("#%d: stored definition %s@%s fails today's checks (%s); running it as stored",
                         row.id, name, row.definition, "; ".join(map(str, problems)))
-        log.info("#%d runs on an earlier version of %s (%s)", row.id, name, row.definition)
-        self._old_specs[old.digest] = old
+        log.info("#%d runs on an earlier version of %s (%s, language %d)", row.id, name, row.definition, language)
+        self._old_specs[row.definition or old.digest] = old
         return old
 
     def _known_spec(self, row: InstanceRow) -> ProcessSpec | None:
@@ -728,4 +728,4 @@ def _row(inst: Instance) -> InstanceRow:
     parent_id, parent_path = inst.parent if inst.parent else (None, None)
     return InstanceRow(inst.id, inst.spec.name, inst.status.value, parent_id, parent_path, inst.project,
                        inst.fields, runs_to_json(inst.runs), inst.serial, inst.error, inst.created, inst.updated,
-                       inst.spec.digest or None)
+                       inst.spec.digest or None, inst.handled)

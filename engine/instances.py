@@ -102,13 +102,13 @@ class Transition:
 
 class Instance:
     __slots__ = ("id", "spec", "fields", "status", "runs", "parent", "project", "created",
-                 "updated", "serial", "error", "tx", "_queue")
+                 "updated", "serial", "error", "handled", "tx", "_queue")
 
     def __init__(self, iid: int, spec: ProcessSpec, fields: dict[str, Any], *,
                  status: Status = Status.RUNNING, runs: dict[str, StepRun] | None = None,
                  parent: tuple[int, str] | None = None, project: str | None = None,
                  created: float = 0.0, updated: float = 0.0, serial: int = 0,
-                 error: str = "") -> None:
+                 error: str = "", handled: str = "") -> None:
         self.id = iid
         self.spec = spec
         self.fields = fields
@@ -120,6 +120,7 @@ class Instance:
         self.updated = updated
         self.serial = serial
         self.error = error
+        self.handled = handled      # the last failure an on_error dealt with: "step: message"
         self.tx: Transition | None = None
         self._queue: deque[tuple[str, int, StepSpec]] = deque()
 

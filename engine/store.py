@@ -119,6 +119,20 @@ MIGRATIONS: list[str] = [
         version INTEGER NOT NULL
     );
     """,
+    # 4: the definition language each stored definition was written in (rows
+    # stored before count as language 1, whose rules their instances keep);
+    # the failure an instance's on_error dealt with (its "recovered" outcome);
+    # launch idempotency tokens, kept 8 days
+    """
+    ALTER TABLE definitions ADD COLUMN language INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE instances ADD COLUMN handled TEXT NOT NULL DEFAULT '';
+    CREATE TABLE launch_tokens (
+        token TEXT PRIMARY KEY,
+        instance_id INTEGER NOT NULL,
+        created REAL NOT NULL
+    );
+    CREATE INDEX launch_tokens_created ON launch_tokens(created);
+    """,
 ]
 
 
@@ -137,6 +151,7 @@ class InstanceRow:
     created: float
     updated: float
     definition: str | None = None
+    handled: str = ""            # the last failure an on_error dealt with ("step: message")
 
 
 @dataclass(frozen=True)
@@ -581,7 +596,7 @@ class Store:
     def instance_op(rows: Iterable[InstanceRow]) -> Op:
         """Insert or update instances; ``fields`` and ``runs`` are serialised now."""
         return (_INSTANCE_SQL, [(r.id, r.process, r.status, r.parent_id, r.parent_path, r.project, dumps(r.fields),
-                                 dumps(r.runs), r.serial, r.error, r.created, r.updated, r.definition)
+                                 dumps(r.runs), r.serial, r.error, r.created, r.updated, r.definition, r.handled)
                                 for r in rows], True)
 
     @staticmethod
@@ -639,14 +654,39 @@ class Store:
         return ops
 
     @staticmethod
-    def definition_op(rows: list[tuple[str, str, str, float]]) -> Op:
-        return ("INSERT OR IGNORE INTO definitions (digest, name, source, first_seen) VALUES (?,?,?,?)",
+    def definition_op(rows: list[tuple[str, str, str, float, int]]) -> Op:
+        """Store definitions: (digest, name, source, first_seen, language)."""
+        return ("INSERT OR IGNORE INTO definitions (digest, name, source, first_seen, language) VALUES (?,?,?,?,?)",
                 rows, True)
 
     async def definition_source(self, digest: str) -> tuple[str, str] | None:
         def q(c: sqlite3.Connection) -> tuple[str, str] | None:
             row = c.execute("SELECT name, source FROM definitions WHERE digest = ?", (digest,)).fetchone()
             return None if row is None else (str(row[0]), str(row[1]))
+        return await self.read(q)
+
+    async def stored_definition(self, digest: str) -> tuple[str, str, int] | None:
+        """A stored definition: its name, its YAML text and the definition language it was written in."""
+        def q(c: sqlite3.Connection) -> tuple[str, str, int] | None:
+            row = c.execute("SELECT name, source, language FROM definitions WHERE digest = ?", (digest,)).fetchone()
+            return None if row is None else (str(row[0]), str(row[1]), int(row[2]))
+        return await self.read(q)
+
+    @staticmethod
+    def launch_token_ops(token: str, instance_id: int, created: float, forget_before: float) -> list[Op]:
+        """Remember a launch token with the instance it launched; forget tokens
+        older than ``forget_before``.  A token already there fails the commit:
+        a launch is written at most once per token."""
+        return [("DELETE FROM launch_tokens WHERE created < ?", (forget_before,), False),
+                ("INSERT INTO launch_tokens (token, instance_id, created) VALUES (?,?,?)",
+                 (token, instance_id, created), False)]
+
+    async def launch_token(self, token: str, since: float) -> int | None:
+        """The instance a token launched, if it was used at or after ``since``."""
+        def q(c: sqlite3.Connection) -> int | None:
+            row = c.execute("SELECT instance_id FROM launch_tokens WHERE token = ? AND created >= ?",
+                            (token, since)).fetchone()
+            return None if row is None else int(row[0])
         return await self.read(q)
 
     @staticmethod
@@ -656,12 +696,13 @@ class Store:
 
 
 _INSTANCE_COLUMNS = ("id, process, status, parent_id, parent_path, project, fields, runs, serial, error, "
-                     "created, updated, definition")
+                     "created, updated, definition, handled")
 _INSTANCE_SQL = ("INSERT INTO instances (id, process, status, parent_id, parent_path, project, fields, runs, "
-                 "serial, error, created, updated, definition) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                 "serial, error, created, updated, definition, handled) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
                  "ON CONFLICT(id) DO UPDATE "
                  "SET status = excluded.status, fields = excluded.fields, runs = excluded.runs, "
-                 "serial = excluded.serial, error = excluded.error, updated = excluded.updated")
+                 "serial = excluded.serial, error = excluded.error, updated = excluded.updated, "
+                 "handled = excluded.handled")
 _HISTORY_SQL = ("INSERT INTO history (instance_id, at, path, step, event, actor, detail) "
                 "VALUES (?,?,?,?,?,?,?)")
 
@@ -717,7 +758,7 @@ def _instance_filter(include_finished: bool, projects: Sequence[str] | None) -> 
 
 def _instance_row(r: tuple[Any, ...]) -> InstanceRow:
     return InstanceRow(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), json.loads(r[7]),
-                       r[8], r[9], r[10], r[11], r[12])
+                       r[8], r[9], r[10], r[11], r[12], r[13])
 
 
 def _workitem_row(r: tuple[Any, ...]) -> WorkitemRow:
