@@ -10,7 +10,9 @@ from collections import deque
 
 import pytest
 
+from bot.chat import VERIFIED_SERVICES, Identity, Room
 from bot.outqueue import overflow_note
+from bot.transports.irc import IrcConfig, IrcTransport
 from bot.transports.irc.delivery import (ECHO_GRACE, MARKER_AGE, MARKER_LINES, Delivery, Dest, Writer)
 from bot.transports.irc.roster import CHANGED, GONE, OK, UNCHECKABLE, UNKNOWN, Roster
 
@@ -440,3 +442,17 @@ def test_names_and_who_on_join_tell_who_shares_the_channel() -> None:
     assert view.verify("dave", "dave", None) == OK and view.account_of("dave") == "dave"
     view.left_channel("#ops")
     assert view.people == {}
+
+
+async def test_an_answer_to_a_person_is_bound_to_what_the_server_vouched_for_when_they_asked() -> None:
+    transport = IrcTransport(IrcConfig(name="testnet", host="127.0.0.1", nick="releasebot", tls=False))
+    await transport.send(Identity("irc", "testnet", "Alice", account="alice", verified_by=VERIFIED_SERVICES,
+                                  hostmask="Alice!al@host.example"), "by account")
+    await transport.send(Identity("irc", "testnet", "bob", hostmask="bob!~bob@build.example.org"), "by host")
+    await transport.send(Identity("irc", "testnet", "carol"), "by nick")        # allow_hostmask: false
+    await transport.send(Room("irc", "testnet", "#Ops"), "to the room")
+    assert transport.delivery.lanes.targets() == {
+        Dest("alice", "Alice", True, account="alice"), Dest("bob", "bob", True, userhost="~bob@build.example.org"),
+        Dest("carol", "carol", True), Dest("#ops", "#Ops")}
+    assert [d.bound for d in sorted(transport.delivery.lanes.targets(), key=lambda d: d.key)] == [
+        False, True, True, False]
