@@ -32,11 +32,12 @@ def load(conf: Path, need_secrets: bool = True) -> tuple[BotConfig, ParticipantR
     from participants import discover
 
     registry = ParticipantRegistry(discover())
-    return load_config(conf, registry.names(), need_secrets=need_secrets), registry
+    return load_config(conf, registry.by_name(), need_secrets=need_secrets), registry
 
 
 def check(conf: Path) -> int:
     """Checking needs no secrets: an unset password variable is a warning here."""
+    from engine.participants import DiscoveryError
     from engine.yamlconfig import ConfigError
 
     try:
@@ -45,6 +46,10 @@ def check(conf: Path) -> int:
         for problem in exc.problems:
             print(problem)
         print(f"{len(exc.problems)} problem(s) found", file=sys.stderr)
+        return 1
+    except DiscoveryError as exc:
+        print(exc)
+        print("1 problem(s) found", file=sys.stderr)
         return 1
     for warning in config.warnings:
         print(f"{warning.file}:{warning.line}: warning: {warning.message}")
@@ -80,13 +85,15 @@ def setup_logging(config: BotConfig, console: bool) -> Path | None:
 async def serve(conf: Path, console: bool) -> int:
     from bot.app import App
     from bot.chat import TransportError
+    from engine.errors import EngineError
+    from engine.participants import DiscoveryError
     from engine.yamlconfig import ConfigError
     from engine.store import StoreError
 
     try:
         config, registry = load(conf)
-    except ConfigError as exc:
-        for problem in exc.problems:
+    except (ConfigError, DiscoveryError) as exc:
+        for problem in exc.problems if isinstance(exc, ConfigError) else [exc]:
             print(problem, file=sys.stderr)
         print("refusing to start: fix the configuration (python run_bot.py check)", file=sys.stderr)
         return 1
@@ -106,7 +113,8 @@ async def serve(conf: Path, console: bool) -> int:
         extra.append(terminal)
     try:
         await app.start(extra)
-    except (TransportError, StoreError) as exc:   # a network refuses us, or the database is unusable
+    except (TransportError, StoreError, EngineError) as exc:
+        # a network refuses us, the database is unusable, or a participant cannot start
         print(f"refusing to start: {exc}", file=sys.stderr)
         return 1
     if console:

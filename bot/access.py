@@ -120,6 +120,15 @@ class Directory:
         self._irc = {(net, a.casefold()): u for u in users for net, ids in u.irc.items() for a in ids.accounts}
         self._xmpp = {j.lower(): u for u in users for j in u.xmpp_jids}
 
+    def user(self, name: str) -> User | None:
+        """The user called ``name`` (``engine.participants.UserDirectory``)."""
+        return self.users.get(name)
+
+    def holders(self, role: str, project: str | None = None) -> list[User]:
+        """Users holding ``role`` on ``project`` (inherited from a parent project
+        or ``"*"`` counts; being an admin does not), by name."""
+        return [u for _, u in sorted(self.users.items()) if role in u.roles_on(project)]
+
     def resolve(self, ident: Identity) -> Caller:
         if ident.protocol == "console":
             user = self.users.get(ident.account or "")

@@ -16,6 +16,7 @@ from bot.pacing import Cooldown
 from bot.router import Router
 from bot.transports import front_end
 from engine.engine import Engine
+from engine.participant_runtime import ParticipantEnv
 from engine.participants import ParticipantRegistry
 from engine.store import Store
 from participants import discover
@@ -41,9 +42,12 @@ class App:
     def __post_init__(self) -> None:
         cfg = self.config
         self.store = Store(cfg.database, synchronous=cfg.durability.upper())
+        directory = Directory(cfg.users)
+        # each participant's checked section of bot.yaml and the users reach its setup(services)
+        env = ParticipantEnv(config=cfg.participant_config, users=directory)
         self.engine = Engine(self.store, cfg.specs, self.participants, schedules=cfg.schedules,
-                             timezone=cfg.timezone)
-        self.dispatcher = Dispatcher(self.engine, Directory(cfg.users), default_registry(),
+                             timezone=cfg.timezone, participant_env=env)
+        self.dispatcher = Dispatcher(self.engine, directory, default_registry(),
                                      cooldown=Cooldown(cfg.rate_commands, cfg.rate_window))
         self.router = Router(self.dispatcher, max_room_lines=cfg.max_room_lines)
 

@@ -14,10 +14,10 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping, Protocol
 
 from bot.access import IrcIds, User
-from engine.configkit import Findings, Section
+from engine.configkit import Findings, Section, empty_node
 from bot.transports import FRONT_ENDS, front_end
 from engine.definitions import ProcessSpec, collect_definitions
 from engine.schedules import ScheduleSpec
@@ -25,8 +25,17 @@ from engine.yamlconfig import ConfigError, Node, Problem, load_yaml
 from engine.cron import check_cron
 
 BOT_KEYS = ("database", "durability", "timezone", "misfire", "log_level", "console", "commands",
-            "schedules", "networks")
+            "schedules", "networks", "participants")
 MISFIRES = ("run_once", "skip")
+
+
+class ParticipantChecks(Protocol):
+    """How a participant checks its configuration (``engine.participants.Participant``
+    is one; config parsing does not import the engine's participant runtime)."""
+
+    def check_config(self, section: Section) -> Any: ...
+
+    def check_params(self, params: Mapping[str, Any], config: Any) -> list[str]: ...
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,7 @@ class BotConfig:
     networks: list[Any] = field(default_factory=list)   # each adapter's own config dataclass
     users: list[User] = field(default_factory=list)
     specs: dict[str, ProcessSpec] = field(default_factory=dict)
+    participant_config: dict[str, Any] = field(default_factory=dict)   # name -> its check_config's result
     warnings: list[Problem] = field(default_factory=list)    # printed by check, logged at start
 
     def summary(self) -> str:
@@ -161,9 +171,14 @@ def _load_users(path: Path, display: str, irc_networks: Mapping[str, bool],
     return users, True
 
 
-def load_config(conf_dir: Path, participants: frozenset[str] | None, *,
+def load_config(conf_dir: Path, participants: Mapping[str, ParticipantChecks] | Collection[str] | None, *,
                 need_secrets: bool = True) -> BotConfig:
     """Load and validate everything; raise ConfigError listing every problem.
+
+    ``participants``: name -> participant (``ParticipantRegistry.by_name()``):
+    each checks its section of ``participants:`` and the params of the steps
+    that use it; names alone check only that sections and steps name known
+    participants (then ``participant_config`` stays empty); None checks no names.
 
     ``need_secrets=False`` is for ``check``: a secret's environment variable
     that is not set is then a warning (``BotConfig.warnings``), not a problem."""
@@ -200,8 +215,17 @@ def load_config(conf_dir: Path, participants: frozenset[str] | None, *,
     rate_commands = rate.get("commands", int, 5, lambda v: None if v >= 1 else "at least 1")
     rate_window = rate.duration("per", 10.0, minimum=1.0, why="a shorter window turns the limit off")
 
-    specs, found, process_names = collect_definitions(conf_dir / "processes", participants, base=home)
+    known = frozenset(participants) if participants is not None else None
+    checks: Mapping[str, ParticipantChecks] = participants if isinstance(participants, Mapping) else {}
+    participant_config = _participant_sections(top, known, checks)
+    specs, found, process_names = collect_definitions(conf_dir / "processes", known, base=home)
     findings.problems += found
+    for spec in specs.values():
+        for step in spec.steps.values():
+            checker = checks.get(step.participant or "")
+            if checker is not None and step.participant is not None:
+                for message in checker.check_params(step.params or {}, participant_config.get(step.participant)):
+                    findings.problems.append(Problem(spec.file, step.line, f"step {step.name}: {message}"))
     if not (conf_dir / "processes").is_dir():
         findings.problems.append(Problem(_display(conf_dir / "processes", home), 0,
                                          "missing: the process definitions directory"))
@@ -286,7 +310,31 @@ def load_config(conf_dir: Path, participants: frozenset[str] | None, *,
                      durability=durability, timezone=tz, log_level=log_level.upper(),
                      console_user=console_user, prefix=prefix, max_room_lines=max_room_lines,
                      rate_commands=rate_commands, rate_window=rate_window, schedules=schedules,
-                     networks=networks, users=users, specs=specs, warnings=sorted(findings.warnings))
+                     networks=networks, users=users, specs=specs, participant_config=participant_config,
+                     warnings=sorted(findings.warnings))
+
+
+def _participant_sections(top: Section, names: frozenset[str] | None,
+                          checks: Mapping[str, ParticipantChecks]) -> dict[str, Any]:
+    """``participants: {<name>: {...}}``: each known participant checks its own
+    section (an empty one when absent: its defaults); an unknown name is a problem."""
+    node = top.raw("participants")
+    if node is not None and not isinstance(node, Node):
+        top.problem("participants", "participants: expected a mapping of participant name -> its settings")
+        node = None
+    sections = node if isinstance(node, Node) else empty_node(top.line(None))
+    for name in sections:
+        if names is not None and name not in names:
+            known = ", ".join(sorted(names)) or "none"
+            Section(sections, top.file, top.findings).problem(
+                name, f"participants: unknown participant {name!r} (known: {known})")
+    config: dict[str, Any] = {}
+    for name, checker in sorted(checks.items()):
+        line = sections.line_of(name) if name in sections else top.line("participants")
+        section = Section(sections.get(name), top.file, top.findings, label=f"participants {name}", line=line,
+                          what=f"participants {name}")
+        config[name] = checker.check_config(section)
+    return config
 
 
 def _check_timezone(name: str) -> str | None:
