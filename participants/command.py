@@ -245,18 +245,14 @@ class Command(Participant):
 
     async def _consume(self, workitem: Workitem) -> Reply:
         storage = self._storage()
-        try:
-            plan = await self._plan(workitem)
-        except (UnsafeArgument, ValueError, LookupError) as exc:
-            return Reply.failed(f"not run: {exc}")
         forget = storage.op("DELETE FROM command_runs WHERE key = ?", workitem.key)
         row = await storage.query_one("SELECT state, pgid, boot, tag, exit_code, error, stdout, stderr "
                                       "FROM command_runs WHERE key = ?", workitem.key)
-        if row is not None:
+        where = f"#{workitem.instance_id} {workitem.step}"
+        if row is not None:         # dispatched again: the bot stopped before its answer was written
             state, pgid, boot, tag, exit_code, error, stdout, stderr = row
-            if state == "finished":     # it ran to the end before the bot stopped: that is the answer
-                log.info("#%d %s: %s finished before the restart; answering with its result",
-                         workitem.instance_id, workitem.step, plan.argv[0])
+            if state == "finished":     # it ran to the end: that is the answer, whatever the params say now
+                log.info("%s: the program finished before the bot stopped; answering with its result", where)
                 if error:
                     return Reply.failed(str(error), ops=[forget])
                 return Reply.done({"exit_code": exit_code, "stdout": stdout, "stderr": stderr}, ops=[forget])
@@ -264,14 +260,18 @@ class Command(Participant):
                 return Reply.failed(INTERRUPTED, ops=[forget])
             if pgid is not None:
                 kill_leftover(int(pgid), str(boot), str(tag))
-            if plan.once:
+            if workitem.params.get("once") is True:
                 await storage.write(storage.op("UPDATE command_runs SET state = 'interrupted', pgid = NULL, "
                                                "updated = ? WHERE key = ?", self._now(), workitem.key))
-                log.warning("#%d %s: %s was interrupted by the bot stopping; once: true, so not run again",
-                            workitem.instance_id, workitem.step, plan.argv[0])
+                log.warning("%s: the program was interrupted by the bot stopping; once: true, so not run again",
+                            where)
                 return Reply.failed(INTERRUPTED, ops=[forget])
-            log.warning("#%d %s: %s was interrupted by the bot stopping; running it again (at least once)",
-                        workitem.instance_id, workitem.step, plan.argv[0])
+            log.warning("%s: the program was interrupted by the bot stopping; running it again (at least once)",
+                        where)
+        try:
+            plan = await self._plan(workitem)
+        except (UnsafeArgument, ValueError, LookupError) as exc:
+            return Reply.failed(f"not run: {exc}", ops=[forget])
         if workitem.key in self._cancelled:
             return Reply.failed("cancelled")
         return await self._run(workitem, plan, forget)
