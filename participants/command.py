@@ -346,6 +346,8 @@ class Command(Participant):
                     key, run.pgid, boot_id(), tag, now, now))
             except BaseException:
                 self._release(run, go=False)     # the supervisor exits without running anything
+                if run.stopping is None:         # ... and is reaped
+                    run.stopping = asyncio.ensure_future(self._stop(run))
                 raise
             if key in self._cancelled:
                 self._release(run, go=False)
@@ -362,7 +364,8 @@ class Command(Participant):
             if run.stopping is not None:
                 await run.stopping
             await run.exited
-            _killpg(run.pgid, signal.SIGKILL)   # what it left running; the group id is still ours (not reaped)
+            if popen.returncode is None:        # not reaped (by _stop): the group id is still ours
+                _killpg(run.pgid, signal.SIGKILL)   # what the program left running
             code = popen.wait()
             await asyncio.gather(out.finish(), err.finish())
         except asyncio.CancelledError:
