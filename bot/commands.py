@@ -17,8 +17,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable
 
-import yaml
-
 from bot.access import (Caller, Directory, NotAuthorised, User, WrongProject, authorise_launch,
                         authorise_manage, authorise_read)
 from bot.chat import Message
@@ -168,23 +166,18 @@ _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _ID = re.compile(r"[0-9]{1,18}", re.ASCII)
 
 
-def parse_fields(ctx: Context, pairs: list[str]) -> dict[str, Any]:
-    """key=value words into fields; values are YAML scalars (3, true, 'text')."""
-    fields: dict[str, Any] = {}
+def parse_fields(ctx: Context, pairs: list[str]) -> dict[str, str]:
+    """key=value words into fields.  Values are text, as typed: the engine
+    converts those the definition declares a type for (``inputs``), by that
+    type's rules; nothing is guessed (no YAML: ``no`` and ``010`` stay text)."""
+    fields: dict[str, str] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not _KEY.match(key):
             raise ctx.usage_error(f"bad key=value {sanitise(pair, 60)!r}")
-        try:
-            value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError:
-            value = raw
-        except (ValueError, OverflowError, RecursionError) as exc:     # e.g. a 5,000-digit number
-            raise ctx.usage_error(f"cannot read the value of {sanitise(key, 40)!r} "
-                                  f"({sanitise(type(exc).__name__, 30)})") from None
-        if not isinstance(value, (str, int, float, bool)) and value is not None:
-            value = raw
-        fields[key] = value
+        if key in fields:
+            raise ctx.usage_error(f"field {sanitise(key, 40)!r} given twice")
+        fields[key] = raw
     return fields
 
 
@@ -217,24 +210,35 @@ async def cmd_whoami(ctx: Context) -> list[str]:
     return [ctx.caller.describe()]
 
 
-@command("launch <process> [key=value ...]", "start a process with the given fields")
+ONCE = "--once"     # launch --once TOKEN: a word no field (key=value) or process name can be
+
+
+@command("launch [--once TOKEN] <process> [key=value ...]",
+         "start a process with the given fields; with --once, at most once per TOKEN (kept 8 days)")
 async def cmd_launch(ctx: Context) -> list[str]:
-    if not ctx.args:
+    args = list(ctx.args)
+    token = None
+    if args and args[0] == ONCE:
+        if len(args) < 3:
+            raise ctx.usage_error("--once needs a token and a process")
+        token = args[1]
+        args = args[2:]
+    if not args:
         raise ctx.usage_error("missing process name")
-    name = ctx.args[0]
+    name = args[0]
     spec = ctx.engine.specs.get(name)
     if spec is None:
         known = ", ".join(sorted(ctx.engine.specs)) or "none"
         raise ctx.usage_error(f"unknown process {sanitise(name, 40)!r} (known: {known})")
-    fields = parse_fields(ctx, ctx.args[1:])
+    fields = parse_fields(ctx, args[1:])
     project = fields.get("project", spec.project)
-    if project is not None and not isinstance(project, str):
+    if project == "":
         raise ctx.usage_error("project= names a project, like Project:Devel")
     try:
         authorise_launch(ctx.user, name, spec.project, tuple(spec.launch_roles), project)
     except WrongProject as exc:
         raise ctx.usage_error(str(exc)) from None
-    iid = await ctx.engine.launch(name, fields, actor=ctx.actor)
+    iid = await ctx.engine.launch(name, fields, actor=ctx.actor, token=token)
     return [f"launched {name} as #{iid}"]
 
 
@@ -289,15 +293,21 @@ async def cmd_cancel(ctx: Context) -> list[str]:
     return [f"cancelled #{iid}"]
 
 
-@command("retry <id> [key=value ...]", "retry the failed steps of an instance, after setting these fields")
+@command("retry <id> [handler] [key=value ...]",
+         "retry the failed steps of an instance (resuming where they stopped), after setting these fields; "
+         "handler: run its failed error handler again instead")
 async def cmd_retry(ctx: Context) -> list[str]:
     iid = parse_id(ctx, more=True)
-    fields = parse_fields(ctx, ctx.args[1:])
+    rest = ctx.args[1:]
+    handler = bool(rest) and rest[0] == "handler"
+    fields = parse_fields(ctx, rest[1:] if handler else rest)
     if "project" in fields:
         raise ctx.usage_error("the project of an instance cannot change")
     await _owned(ctx, iid)
-    paths = await ctx.engine.retry(iid, actor=ctx.actor, fields=fields)
-    return [f"retrying #{iid}: {', '.join(paths)}" + (f" with {', '.join(sorted(fields))} set" if fields else "")]
+    paths = await ctx.engine.retry(iid, actor=ctx.actor, fields=fields, handler=handler)
+    what = "the error handler " if handler else ""
+    return [f"retrying #{iid}: {what}{', '.join(paths)}"
+            + (f" with {', '.join(sorted(fields))} set" if fields else "")]
 
 
 @command("schedules", "configured schedules with their next and last run")

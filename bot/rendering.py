@@ -19,14 +19,20 @@ def when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) + "Z"
 
 
+def status_text(s: InstanceSummary) -> str:
+    """The status, with the outcome when there is one: ``completed, recovered``."""
+    return f"{s.status}, {s.outcome}" if s.outcome else s.status
+
+
 def summary_line(s: InstanceSummary) -> str:
-    return (f"#{s.id} {s.process} {s.status}" + (f" - {s.waiting_on}" if s.waiting_on else "")
+    about = s.waiting_on or (s.handled if s.outcome else "")
+    return (f"#{s.id} {s.process} {status_text(s)}" + (f" - {about}" if about else "")
             + f" (since {when(s.updated)})")
 
 
 def detail_lines(detail: InstanceDetail) -> list[str]:
     s = detail.summary
-    out = [f"#{s.id} {s.process}: {s.status}" + (f" (project {s.project})" if s.project else "")
+    out = [f"#{s.id} {s.process}: {status_text(s)}" + (f" (project {s.project})" if s.project else "")
            + (f", subprocess of #{s.parent_id}" if s.parent_id else "")
            + f"; launched {when(s.created)}, updated {when(s.updated)}"]
     out.append("fields: " + (", ".join(f"{k}={v!r}" for k, v in detail.fields.items()) or "none"))
@@ -37,6 +43,8 @@ def detail_lines(detail: InstanceDetail) -> list[str]:
         out.append("subprocesses: " + ", ".join(f"#{c}" for c in detail.children))
     if s.error:
         out.append(f"error: {s.error}")
+    if s.handled:
+        out.append(f"recovered from: {s.handled}" if s.outcome else f"handled earlier: {s.handled}")
     return out
 
 

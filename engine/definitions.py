@@ -8,19 +8,31 @@ A definition::
     description: Say hello
     project: Project:Devel      # roles are checked on this project (a launch field may override)
     launch_roles: [admins]      # who may launch, cancel and retry it
+    inputs: {count: int}        # launch/retry values are text unless typed here
     fields: {who: world}        # defaults, overridden by launch fields
+    extra_fields: refuse        # or allow: take launch fields the definition does not know
     on_error: ...               # optional, for the whole process
+    on_cancel: ...              # optional: a subprocess run when the instance is cancelled
     steps:
       - participant: echo
         params: {text: "hello {{ who }}"}
 
 Steps are mappings with exactly one expression key (see ``EXPRESSIONS``) plus
-the common attributes ``id``, ``timeout``, ``on_timeout``, ``on_error`` and
-``timers``.  A nested list is a sequence.
+the common attributes ``id``, ``timeout``, ``on_timeout``, ``on_error``,
+``on_cancel``, ``timers`` and ``if`` (a guard: with another expression key,
+``if`` decides whether the step runs; with ``then`` it is the conditional).
+A nested list is a sequence.
+
+A ``for_each`` runs one copy of its body per item.  The copies have paths of
+their own ("3.0", "3.1", ... under the for_each at "3"; the body as written
+is the template at "3.do"), made on demand by ``ProcessSpec.find``.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import hashlib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,22 +40,30 @@ from typing import Any, Iterable, Mapping
 
 from engine.yamlconfig import ConfigError, Node, NodeList, Problem, loads_yaml
 from engine.durations import MAX_DURATION, MAX_DURATION_TEXT, format_duration, parse_duration
-from engine.templating import check_expression, check_template
+from engine.templating import check_expression, check_template, fields_read
 
-EXPRESSIONS = ("participant", "sequence", "concurrence", "if", "wait", "repeat",
+EXPRESSIONS = ("participant", "sequence", "concurrence", "if", "wait", "repeat", "for_each",
                "subprocess", "set", "terminate", "error")
-COMMON = ("id", "timeout", "on_timeout", "on_error", "timers")
+COMMON = ("id", "timeout", "on_timeout", "on_error", "on_cancel", "timers")
 EXTRA = {  # keys an expression takes besides its own and the common ones
     "participant": ("params",),
     "concurrence": ("wait_for", "merge"),
     "if": ("then", "else"),
-    "repeat": ("max", "break_if"),
+    "repeat": ("max", "break_if", "on_exhausted"),
+    "for_each": ("as", "do", "concurrent", "wait_for", "merge", "max_parallel", "collect"),
     "subprocess": ("fields",),
 }
 MERGES = ("union", "first", "last", "none")
-PROCESS_KEYS = ("name", "description", "project", "launch_roles", "fields", "steps",
-                "timeout", "on_timeout", "on_error")
+PROCESS_KEYS = ("name", "description", "project", "launch_roles", "inputs", "fields", "extra_fields", "steps",
+                "timeout", "on_timeout", "on_error", "on_cancel")
+INPUT_TYPES = ("str", "int", "float", "bool")
+BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+MAX_ITEMS = 1000          # for_each: more items than this fail the step (each keeps state in the instance row)
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_INT = re.compile(r"[+-]?[0-9]+")
+_FLOAT = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
+_INT_LIMIT = 2 ** 63
 # The definition language: what a definition's keys mean.  Each stored
 # definition records the language it was written in, and an instance keeps
 # its definition's language for good (``Engine._spec_of``), so a new default
@@ -77,19 +97,26 @@ class StepSpec:
     label: str | None = None        # the author's ``id``
     children: tuple["StepSpec", ...] = ()
     participant: str | None = None
-    params: Any = None              # participant params, set fields, subprocess fields, messages
+    params: Any = None              # participant params, set fields, subprocess fields, messages, for_each items
     condition: str | None = None    # if / break_if
-    wait_for: str | int = "all"     # concurrence: all / any / N
+    wait_for: str | int = "all"     # concurrence, for_each: all / any / N
     merge: str = "union"
     duration: float | None = None   # wait
     until: str | None = None        # wait until (HH:MM, ISO time or a template)
     max: int = 0                    # repeat
+    on_exhausted: str = "error"     # repeat: max reached with break_if still false: error | continue
     process: str | None = None      # subprocess
+    var: str | None = None          # for_each: the field holding the item (``as``)
+    concurrent: bool = False        # for_each: bodies side by side
+    max_parallel: int | None = None  # for_each concurrent: at most this many bodies at once
+    collect: str | None = None      # for_each: the field that gets each body's changed fields, in item order
     timeout: float | None = None
     on_timeout: Policy = ERROR
     on_error: Policy | None = None
+    on_cancel: str | None = None    # a subprocess run when the step is cancelled while under way
+    guard: str | None = None        # ``if:`` on a step of another kind: run it only when true
     timers: tuple[tuple[float, str], ...] = ()   # named timers delivered to the participant
-    scope: tuple[str, int] | None = None          # nearest enclosing concurrence branch
+    scope: tuple[str, int] | None = None          # nearest enclosing concurrence branch or for_each body
 
     @property
     def name(self) -> str:
@@ -98,6 +125,9 @@ class StepSpec:
             return self.label
         what = self.participant or self.process or self.kind
         return f"{what}@{self.path or 'root'}"
+
+
+InputType = str | tuple[str, ...]     # "str", "int", "float", "bool", or the allowed texts
 
 
 @dataclass(frozen=True)
@@ -115,20 +145,202 @@ class ProcessSpec:
     source: str = field(repr=False, default="")   # the YAML text: stored with the instances that use it
     digest: str = ""                               # identifies this version of the definition (and language)
     language: int = LANGUAGE                       # the definition language it is read in
+    inputs: Mapping[str, InputType] = field(default_factory=dict)   # declared launch field types
+    extra_fields: bool = False                     # take launch fields it does not know (language 1: always)
+    reads: frozenset[str] = frozenset()            # every field its templates and conditions read
+    _copies: dict[str, StepSpec] = field(repr=False, compare=False, default_factory=dict)
+
+    def find(self, path: str) -> StepSpec | None:
+        """The step at ``path``, a for_each body's copy included (made the first time it is asked for)."""
+        spec = self.steps.get(path)
+        if spec is not None:
+            return spec
+        spec = self._copies.get(path)
+        if spec is not None or not path:
+            return spec
+        parent_path, _, last = path.rpartition(".")
+        parent = self.find(parent_path)
+        if parent is None:
+            return None
+        if parent.kind == "for_each" and last.isdigit() and parent.children:
+            template = parent.children[0]
+            copy = _copy(template, template.path, path, parent.path, int(last))
+            self._remember(copy)
+            return copy
+        return self._copies.get(path)
+
+    def step(self, path: str) -> StepSpec:
+        spec = self.find(path)
+        if spec is None:
+            raise KeyError(path)
+        return spec
+
+    def _remember(self, spec: StepSpec) -> None:
+        self._copies[spec.path] = spec
+        for child in spec.children:
+            self._remember(child)
+
+    def parent_path(self, path: str) -> str | None:
+        if path in self.parents:
+            return self.parents[path]
+        return path.rpartition(".")[0] if path else None
 
     def parent(self, path: str) -> StepSpec | None:
-        p = self.parents.get(path)
-        return None if p is None else self.steps[p]
+        p = self.parent_path(path)
+        return None if p is None else self.find(p)
 
     def subprocesses(self) -> Iterable[tuple[str, int]]:
         """Every process this one may start, with the line naming it."""
         return iter(self.subprocess_refs)
 
 
+def _copy(spec: StepSpec, old: str, new: str, owner: str, index: int) -> StepSpec:
+    """``spec`` (under the for_each template at ``old``) as the body of item
+    ``index``, at ``new``: its paths moved, its scope the item's, its id marked."""
+    def moved(path: str) -> str:
+        return new + path[len(old):]
+    scope = spec.scope
+    if scope is not None:
+        if scope[0] == owner:
+            scope = (owner, index)
+        elif scope[0] == old or scope[0].startswith(old + "."):
+            scope = (moved(scope[0]), scope[1])
+    return dataclasses.replace(spec, path=moved(spec.path), scope=scope,
+                               label=f"{spec.label}[{index}]" if spec.label else None,
+                               children=tuple(_copy(c, old, new, owner, index) for c in spec.children))
+
+
+# -- launch fields ---------------------------------------------------------------------
+
+def convert_field(name: str, kind: InputType, value: Any) -> Any:
+    """``value`` as the declared ``kind``: text is converted by the type's own
+    rules (no YAML: 010 is ten, 1.10 stays 1.10 as text), a value that already
+    has the type is taken.  Raises ValueError with a message naming the field."""
+    if isinstance(kind, tuple):
+        if isinstance(value, str) and value in kind:
+            return value
+        raise ValueError(f"{name}: expected one of {', '.join(kind)}, got {_shown(value)}")
+    if kind == "str":
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{name}: expected text, got {_shown(value)}")
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in BOOL_WORDS:
+            return BOOL_WORDS[value.strip().lower()]
+        raise ValueError(f"{name}: expected true or false (yes/no, on/off, 1/0), got {_shown(value)}")
+    if kind == "int":
+        number: Any = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        elif isinstance(value, str) and _INT.fullmatch(value.strip()):
+            digits = value.strip().lstrip("+-")
+            if len(digits.lstrip("0")) > 19:
+                raise ValueError(f"{name}: {_shown(value)} is too large a number")
+            number = int(value.strip())
+        if number is None:
+            raise ValueError(f"{name}: expected a whole number, got {_shown(value)}")
+        if not -_INT_LIMIT <= number < _INT_LIMIT:
+            raise ValueError(f"{name}: {_shown(value)} is too large a number")
+        return number
+    if kind == "float":
+        result: float | None = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            result = float(value)
+        elif isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            result = float(value.strip())
+        if result is None or not math.isfinite(result):
+            raise ValueError(f"{name}: expected a number, got {_shown(value)}")
+        return result
+    raise ValueError(f"{name}: unknown type {kind!r}")
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 24 else text[:21] + "..."
+
+
+def known_fields(spec: ProcessSpec, specs: Mapping[str, ProcessSpec] | None = None) -> frozenset[str]:
+    """The fields a launch of ``spec`` may set: ``project``, those it declares
+    (``fields``, ``inputs``) and those it reads in a template or condition; with
+    ``specs``, also those of every process it may start (subprocesses and
+    handlers get all of its fields)."""
+    names = {"project"}
+    todo, seen = [spec], {spec.name}
+    while todo:
+        current = todo.pop()
+        names |= set(current.fields) | set(current.inputs) | current.reads
+        for name, _line in current.subprocesses():
+            called = specs.get(name) if specs is not None else None
+            if called is not None and name not in seen:
+                seen.add(name)
+                todo.append(called)
+    return frozenset(names)
+
+
+def unknown_fields(spec: ProcessSpec, fields: Iterable[str], specs: Mapping[str, ProcessSpec] | None = None,
+                   *, known: frozenset[str] | None = None) -> list[str]:
+    """One message per field of ``fields`` that ``spec`` does not know (see
+    ``known_fields``; ``known`` if given), with a did-you-mean; none if it
+    says ``extra_fields: allow``."""
+    if spec.extra_fields:
+        return []
+    if known is None:
+        known = known_fields(spec, specs)
+    out = []
+    for name in fields:
+        if name in known:
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+        if close:
+            out.append(f"unknown field {name!r} (did you mean {close[0]!r}?)")
+        else:
+            listed = sorted(known)
+            shown = ", ".join(listed[:12]) + (", ..." if len(listed) > 12 else "")
+            out.append(f"unknown field {name!r} (known: {shown})")
+    return out
+
+
+def field_problems(spec: ProcessSpec, fields: Mapping[str, Any],
+                   specs: Mapping[str, ProcessSpec] | None = None) -> list[str]:
+    """Everything wrong with launching ``spec`` with ``fields`` (a schedule's,
+    at check time): unknown fields and values that do not convert."""
+    problems = unknown_fields(spec, fields, specs)
+    for name, value in fields.items():
+        kind = spec.inputs.get(name)
+        if kind is not None:
+            try:
+                convert_field(name, kind, value)
+            except ValueError as exc:
+                problems.append(str(exc))
+    return problems
+
+
+def launch_fields(spec: ProcessSpec, fields: Mapping[str, Any], specs: Mapping[str, ProcessSpec] | None = None,
+                  *, known: frozenset[str] | None = None) -> dict[str, Any]:
+    """``fields`` converted by ``spec``'s inputs; raises ValueError with every
+    problem (unknown fields, values that do not convert), '; '-joined."""
+    problems = unknown_fields(spec, fields, specs, known=known)
+    out: dict[str, Any] = {}
+    for name, value in fields.items():
+        kind = spec.inputs.get(name)
+        try:
+            out[name] = value if kind is None else convert_field(name, kind, value)
+        except ValueError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ValueError("; ".join(problems))
+    return out
+
+
 class _Parser:
-    def __init__(self, file: str, participants: frozenset[str] | None) -> None:
+    def __init__(self, file: str, participants: frozenset[str] | None, language: int = LANGUAGE) -> None:
         self.file = file
         self.participants = participants
+        self.language = language
+        self.reads: set[str] = set()          # fields read by templates and conditions
+        self.bound: set[str] = {"error", "cancel"}   # fields the engine or a for_each provides
         self.problems: list[Problem] = []
         self.steps: dict[str, StepSpec] = {}
         self.parents: dict[str, str] = {}
@@ -173,6 +385,13 @@ class _Parser:
             else "error, skip, or {subprocess: NAME}"
         self.problem(line, f"{what}: expected {forms}, got {value!r}")
         return ERROR
+
+    def handler(self, value: Any, line: int, what: str) -> str | None:
+        """``{subprocess: NAME}``: the process to run (on_cancel)."""
+        if isinstance(value, Node) and set(value) == {"subprocess"}:
+            return self.process_name(value["subprocess"], value.line_of("subprocess"))
+        self.problem(line, f"{what}: expected {{subprocess: NAME}}, got {value!r}")
+        return None
 
     def process_name(self, value: Any, line: int) -> str | None:
         if not isinstance(value, str) or not _NAME.match(value):
@@ -225,6 +444,19 @@ class _Parser:
             self.problem(line, f"a step must be a mapping like '- participant: echo', got {node!r}")
             return self._register(StepSpec("error", path, line, params="invalid step", scope=scope))
         kinds = [k for k in node if k in EXPRESSIONS]
+        guard: Any = None
+        if "if" in kinds and len(kinds) == 2 and "then" not in node:
+            # 'if' beside another expression guards it; 'if' with 'then' is the conditional
+            kinds.remove("if")
+            guard = node["if"]
+            if "else" in node:
+                self.problem(node.line_of("else"), "else: only an if with then has one; an 'if' on a "
+                                                   f"{kinds[0]} step only decides whether it runs")
+        elif "if" in kinds and len(kinds) > 1 and "then" in node:
+            others = ", ".join(k for k in kinds if k != "if")
+            self.problem(node.line, f"an if with then is a conditional and takes no other expression; found {others} "
+                                    "(to guard a step, give it 'if' without 'then')")
+            return self._register(StepSpec("error", path, node.line, params="invalid step", scope=scope))
         if len(kinds) != 1:
             if kinds:
                 self.problem(node.line, f"a step takes exactly one of {', '.join(EXPRESSIONS)}; found {', '.join(kinds)}")
@@ -234,11 +466,18 @@ class _Parser:
                                         f"(expected one of {', '.join(EXPRESSIONS)})")
             return self._register(StepSpec("error", path, node.line, params="invalid step", scope=scope))
         kind = kinds[0]
-        allowed = {kind, *COMMON, *EXTRA.get(kind, ())}
+        allowed = {kind, *COMMON, *EXTRA.get(kind, ())} | ({"if", "else"} if guard is not None else set())
         for key in node:
             if key not in allowed:
                 self.problem(node.line_of(key), f"unknown key {key!r} in a {kind} step")
         common = self.common(node, kind)
+        if guard is not None:
+            if not isinstance(guard, (str, bool)):
+                self.problem(node.line_of("if"), f"if: expected a condition, got {guard!r}")
+            else:
+                guard = str(guard).lower() if isinstance(guard, bool) else guard
+                self.condition(guard, node.line_of("if"))
+                common["guard"] = guard
         value, vline = node[kind], node.line_of(kind)
         attrs: dict[str, Any] = {}
         children: tuple[StepSpec, ...] = ()
@@ -318,10 +557,19 @@ class _Parser:
                 maximum = 1
             if "break_if" in node:
                 self.condition(node["break_if"], node.line_of("break_if"))
+            exhausted = node.get("on_exhausted", "error" if self.language >= 2 else "continue")
+            if exhausted not in ("error", "continue"):
+                self.problem(node.line_of("on_exhausted"), f"on_exhausted: expected error or continue, got {exhausted!r}")
+                exhausted = "error"
+            elif "on_exhausted" in node and "break_if" not in node:
+                self.problem(node.line_of("on_exhausted"), "on_exhausted without break_if: a repeat without "
+                                                           "break_if runs max times and ends")
             body = self.sequence(value, vline, f"{path}.body", scope)
             self.parents[body.path] = path
             children = (body,)
-            attrs.update(max=maximum, condition=node.get("break_if"))
+            attrs.update(max=maximum, condition=node.get("break_if"), on_exhausted=exhausted)
+        elif kind == "for_each":
+            children = (self.for_each(node, value, vline, path, attrs),)
         elif kind == "subprocess":
             fields = node.get("fields", {})
             if not isinstance(fields, dict):
@@ -380,7 +628,62 @@ class _Parser:
             out["on_timeout"] = self.policy(node["on_timeout"], node.line_of("on_timeout"), "on_timeout", False)
         if "on_error" in node:
             out["on_error"] = self.policy(node["on_error"], node.line_of("on_error"), "on_error", True)
+        if "on_cancel" in node:
+            out["on_cancel"] = self.handler(node["on_cancel"], node.line_of("on_cancel"), "on_cancel")
         return out
+
+    def for_each(self, node: Node, value: Any, vline: int, path: str, attrs: dict[str, Any]) -> StepSpec:
+        """``for_each: "{{ items }}"`` (or a list), ``as``, ``do``, and for
+        ``concurrent: true`` also ``wait_for``, ``merge``, ``max_parallel``."""
+        if isinstance(value, str):
+            if "{{" not in value:
+                self.problem(vline, f"for_each: expected a list or a template like '{{{{ items }}}}', got {value!r}")
+            self.template(value, vline)
+        elif isinstance(value, list):
+            self.template(value, vline)
+        else:
+            self.problem(vline, f"for_each: expected a list or a template like '{{{{ items }}}}', got {value!r}")
+            value = []
+        var = node.get("as", "item")
+        if not isinstance(var, str) or not _FIELD.match(var):
+            self.problem(node.line_of("as"), f"as: expected a field name, got {var!r}")
+            var = "item"
+        self.bound.add(var)
+        concurrent = node.get("concurrent", False)
+        if not isinstance(concurrent, bool):
+            self.problem(node.line_of("concurrent"), f"concurrent: expected true or false, got {concurrent!r}")
+            concurrent = False
+        for key in ("wait_for", "max_parallel"):
+            if key in node and not concurrent:
+                self.problem(node.line_of(key), f"{key}: only for a concurrent for_each (concurrent: true)")
+        wait_for = node.get("wait_for", "all")
+        if wait_for not in ("all", "any") and not (
+                isinstance(wait_for, int) and not isinstance(wait_for, bool) and wait_for >= 1):
+            self.problem(node.line_of("wait_for"), f"wait_for: expected all, any or a number of at least 1, "
+                                                   f"got {wait_for!r}")
+            wait_for = "all"
+        merge = node.get("merge", "union")
+        if merge not in MERGES:
+            self.problem(node.line_of("merge"), f"merge: expected one of {', '.join(MERGES)}, got {merge!r}")
+            merge = "union"
+        most = node.get("max_parallel")
+        if most is not None and (not isinstance(most, int) or isinstance(most, bool) or most < 1):
+            self.problem(node.line_of("max_parallel"), f"max_parallel: expected a whole number of at least 1, "
+                                                       f"got {most!r}")
+            most = None
+        collect = node.get("collect", "results")
+        if not isinstance(collect, str) or not _FIELD.match(collect):
+            self.problem(node.line_of("collect"), f"collect: expected a field name, got {collect!r}")
+            collect = "results"
+        if "do" in node:
+            body = self.sequence(node["do"], node.line_of("do"), f"{path}.do", (path, -1))
+        else:
+            self.problem(node.line, "for_each: missing 'do' (the steps to run for each item)")
+            body = self._register(StepSpec("sequence", f"{path}.do", node.line, scope=(path, -1)))
+        self.parents[body.path] = path
+        attrs.update(params=value, var=var, concurrent=concurrent, wait_for=wait_for, merge=merge,
+                     max_parallel=most, collect=collect)
+        return body
 
     def condition(self, source: Any, line: int) -> None:
         if not isinstance(source, str):
@@ -389,6 +692,8 @@ class _Parser:
         problem = check_expression(source)
         if problem:
             self.problem(line, problem)
+        else:
+            self.reads |= fields_read(source, condition=True)
 
     def template(self, value: Any, line: int) -> None:
         """Check every template string inside ``value``, each at its own line."""
@@ -403,6 +708,8 @@ class _Parser:
             problem = check_template(value)
             if problem:
                 self.problem(line, problem)
+            else:
+                self.reads |= fields_read(value)
 
     def _register(self, spec: StepSpec) -> StepSpec:
         self.steps[spec.path] = spec
@@ -433,7 +740,7 @@ def parse_definition(data: Any, file: str, stem: str, participants: frozenset[st
     definitions on disk, the stored one for a definition an instance runs on."""
     if language not in LANGUAGES:
         raise ValueError(f"unknown definition language {language}")
-    p = _Parser(file, participants)
+    p = _Parser(file, participants, language)
     if not isinstance(data, Node):
         p.problem(1, "a process definition must be a mapping with at least 'steps'")
         return None, p.problems
@@ -458,12 +765,24 @@ def parse_definition(data: Any, file: str, stem: str, participants: frozenset[st
     if not isinstance(fields, dict):
         p.problem(data.line_of("fields"), "fields: expected a mapping of default field values")
         fields = {}
+    inputs = _inputs(p, data)
+    fields = dict(fields)
+    for key, kind in inputs.items():
+        if key in fields:
+            try:
+                fields[key] = convert_field(key, kind, fields[key])
+            except ValueError as exc:
+                p.problem(data["fields"].line_of(key), f"fields {exc}")
+    extra = data.get("extra_fields", "allow" if language == 1 else "refuse")
+    if extra not in ("allow", "refuse"):
+        p.problem(data.line_of("extra_fields"), f"extra_fields: expected allow or refuse, got {extra!r}")
+        extra = "refuse"
     if "steps" not in data:
         p.problem(data.line, "missing 'steps'")
     root_node = Node({"sequence": data.get("steps", [])})
     root_node.line = data.line
     root_node.key_lines = {"sequence": data.line_of("steps")}
-    for key in ("timeout", "on_timeout", "on_error"):
+    for key in ("timeout", "on_timeout", "on_error", "on_cancel"):
         if key in data:
             root_node[key] = data[key]
             root_node.key_lines[key] = data.line_of(key)
@@ -472,11 +791,37 @@ def parse_definition(data: Any, file: str, stem: str, participants: frozenset[st
     root = StepSpec("sequence", "", data.line, label=None, children=seq.children, **common)
     p.steps[""] = root
     spec = ProcessSpec(name=name, file=file, description=str(data.get("description", "")),
-                       project=project, launch_roles=tuple(roles), fields=dict(fields), root=root,
+                       project=project, launch_roles=tuple(roles), fields=fields, root=root,
                        steps=dict(p.steps), parents=dict(p.parents), source=source,
                        digest=digest_of(source, language) if source else "", language=language,
-                       subprocess_refs=tuple(p.subprocess_refs))
+                       subprocess_refs=tuple(p.subprocess_refs), inputs=inputs, extra_fields=extra == "allow",
+                       reads=frozenset(p.reads - p.bound))
     return spec, p.problems
+
+
+def _inputs(p: _Parser, data: Node) -> dict[str, InputType]:
+    """``inputs: {version: str, count: int, dry_run: bool, level: [low, high]}``."""
+    raw = data.get("inputs", {})
+    if not isinstance(raw, dict):
+        p.problem(data.line_of("inputs"), "inputs: expected a mapping of field: type "
+                                          "(str, int, float, bool, or a list of choices)")
+        return {}
+    out: dict[str, InputType] = {}
+    for key, kind in raw.items():
+        line = raw.line_of(key) if isinstance(raw, Node) else data.line_of("inputs")
+        if not _FIELD.match(key):
+            p.problem(line, f"inputs: {key!r} is not a field name")
+        elif key == "project":
+            p.problem(line, "inputs: project is always a launch field, and always text: it needs no declaration")
+        elif isinstance(kind, str) and kind in INPUT_TYPES:
+            out[key] = kind
+        elif isinstance(kind, list) and kind and all(isinstance(c, str) and c for c in kind):
+            out[key] = tuple(kind)
+        elif isinstance(kind, list) and kind:
+            p.problem(line, f"inputs {key}: choices must be text; quote them ('yes', '1'), got {kind!r}")
+        else:
+            p.problem(line, f"inputs {key}: expected {', '.join(INPUT_TYPES)} or a list of choices, got {kind!r}")
+    return out
 
 
 def subprocess_cycles(specs: Iterable[ProcessSpec]) -> list[Problem]:

@@ -30,12 +30,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence, TypeVar
 
-from engine.definitions import ProcessSpec, parse_definition
-from engine.errors import EngineError, NoSuchInstance, NoSuchWorkitem, NotAllowedNow, UnknownProcess
+from engine.definitions import ProcessSpec, known_fields, launch_fields, parse_definition
+from engine.errors import (AlreadyLaunched, BadFields, EngineError, NoSuchInstance, NoSuchWorkitem, NotAllowedNow,
+                           UnknownProcess)
 from engine.events import Event, EventBus
 from engine.instances import ACTIVE, CancelInstance, ChildFinished, Instance, Launch, Status, Transition
 from engine.participant_runtime import ParticipantEnv, participant_services
@@ -59,6 +61,10 @@ MAX_SUBPROCESS_DEPTH = 32
 # How often a transition is applied again when the commit it shared failed
 # through no fault of its own.
 _ATTEMPTS = 3
+# Launch tokens (``launch --once TOKEN``, a mail's Message-ID, a schedule run)
+# are kept this long: a launch repeated within it is answered "already launched".
+TOKEN_KEEP = 8 * 86400.0
+_TOKEN = re.compile(r"[^\s\x00-\x1f\x7f]{1,200}")
 R = TypeVar("R")
 # What a transition does to one instance (None: no such instance, or a launch that makes one).
 Action = Callable[[Instance | None, Transition], R]
@@ -87,6 +93,14 @@ class InstanceSummary:
     waiting_on: str
     parent_id: int | None
     error: str
+    handled: str = ""          # the last failure an on_error dealt with ("step: message")
+
+    @property
+    def outcome(self) -> str:
+        """"recovered" for an instance that completed because an on_error
+        dealt with a failure (skipped the step, or ran a handler that
+        completed); "" otherwise."""
+        return "recovered" if self.status == "completed" and self.handled else ""
 
 
 @dataclass(frozen=True)
@@ -109,7 +123,7 @@ class Engine:
         self.clock = clock or SystemClock()
         self.bus = bus or EventBus()
         self.timers = TimerService(store, self._fire_timers, self.clock, use_scheduler)
-        self._schedules = Schedules(schedules, store, self.timers, self.clock, self._launch)
+        self._schedules = Schedules(schedules, store, self.timers, self.clock, self._scheduled)
         self._instances: dict[int, Instance] = {}
         self._loading: dict[int, asyncio.Future[Instance | None]] = {}
         self._applying = asyncio.Lock()                 # held while a transition is applied
@@ -119,6 +133,8 @@ class Engine:
         self._next_id = 1
         self.tz = ZoneInfo(timezone)
         self._old_specs: dict[str, ProcessSpec] = {}     # earlier versions still running somewhere
+        self._known: dict[str, frozenset[str]] = {}      # process -> the launch fields it knows
+        self._tokens: dict[str, tuple[object, int, float]] = {}   # token -> (claim, instance, when): this run's
         self._tasks: set[asyncio.Task[Any]] = set()
         self.started = False
         self.participant_env = participant_env or ParticipantEnv()   # config, users: for participants' setup
@@ -171,23 +187,82 @@ class Engine:
 
     # -- the public operations ---------------------------------------------------
 
-    async def launch(self, process: str, fields: Mapping[str, Any] | None = None, *, actor: str = "") -> int:
-        iid = await self._launch(process, fields or {}, actor)
-        log.info("#%d %s launched by %s", iid, process, actor or "engine")
-        return iid
-
-    async def _launch(self, process: str, fields: Mapping[str, Any], actor: str, extra: Sequence[Op] = ()) -> int:
-        """Start an instance of ``process``; ``extra`` is written in the same commit."""
+    async def launch(self, process: str, fields: Mapping[str, Any] | None = None, *, actor: str = "",
+                     token: str | None = None) -> int:
+        """Start an instance of ``process``.  ``fields`` must be fields the
+        definition knows (``definitions.known_fields``; any, with
+        ``extra_fields: allow``); text is converted to the type its ``inputs``
+        declare.  With ``token``, at most one launch per token within
+        ``TOKEN_KEEP``: a repeat raises AlreadyLaunched naming the instance."""
         spec = self.specs.get(process)
         if spec is None:
             raise UnknownProcess(f"unknown process {process!r}")
+        if token is not None and not _TOKEN.fullmatch(token):
+            raise EngineError("a launch token is 1 to 200 characters, without spaces or control characters")
+        values = self._checked(spec, fields) if fields else {}
+        iid = await self._launch(process, values, actor, token=token)
+        log.info("#%d %s launched by %s", iid, process, actor or "engine")
+        return iid
+
+    def _checked(self, spec: ProcessSpec, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """``fields`` for a launch or retry of ``spec``: known, and converted by its inputs."""
+        key = spec.digest or spec.name
+        known = self._known.get(key)
+        if known is None:
+            known = self._known[key] = known_fields(spec, self.specs)
+        try:
+            return launch_fields(spec, fields, known=known)
+        except ValueError as exc:
+            raise BadFields(str(exc)) from None
+
+    async def _launch(self, process: str, fields: Mapping[str, Any], actor: str, extra: Sequence[Op] = (),
+                      token: str | None = None) -> int:
+        """Start an instance of ``process``; ``extra`` is written in the same commit,
+        and so is ``token`` (see ``launch``)."""
+        spec = self.specs.get(process)
+        if spec is None:
+            raise UnknownProcess(f"unknown process {process!r}")
+        if token is not None:
+            held = self._tokens.get(token)
+            since = self.clock.now() - TOKEN_KEEP
+            earlier = held[1] if held is not None and held[2] >= since else await self.store.launch_token(token, since)
+            if earlier is not None:
+                raise AlreadyLaunched(earlier)
+        claim = object()
 
         def start(_: Instance | None, tx: Transition) -> int:
+            if token is not None:
+                # launches with one token that passed the lookup together: the first one applied wins
+                held = self._tokens.get(token)
+                if held is not None and held[0] is not claim and held[2] >= tx.now - TOKEN_KEEP:
+                    raise AlreadyLaunched(held[1])
             inst = self._new_instance(tx.allocate_id(), spec, dict(fields), None, tx.now)
+            if token is not None:
+                self._hold_token(token, claim, inst.id, tx.now)
+                tx.extra.extend(self.store.launch_token_ops(token, inst.id, tx.now, tx.now - TOKEN_KEEP))
             inst.start(tx, actor)
             return inst.id
-        [iid] = await self._transact([(None, start)], extra)
+        try:
+            [iid] = await self._transact([(None, start)], extra)
+        except BaseException:
+            held = self._tokens.get(token) if token is not None else None
+            if token is not None and held is not None and held[0] is claim:
+                del self._tokens[token]
+            raise
         return iid
+
+    async def _scheduled(self, process: str, fields: Mapping[str, Any], actor: str, extra: Sequence[Op],
+                         token: str) -> int:
+        """A schedule's run (its fields were checked with the configuration)."""
+        return await self._launch(process, fields, actor, extra, token)
+
+    def _hold_token(self, token: str, claim: object, iid: int, now: float) -> None:
+        """Remember a token launched by this engine (the database has it once committed;
+        until then, this is what stops a second launch with it)."""
+        if len(self._tokens) >= 1000:
+            for old in [t for t, (_c, _i, when) in self._tokens.items() if when < now - TOKEN_KEEP]:
+                del self._tokens[old]
+        self._tokens[token] = (claim, iid, now)
 
     async def reply(self, key: str, reply: Reply, *, actor: str = "") -> None:
         """Answer a dispatched or pending workitem (participants, approvals)."""
@@ -207,11 +282,17 @@ class Engine:
         await self._transact([(instance_id, lambda i, tx: _must(i, instance_id).cancel(tx, actor))])
         log.info("#%d cancelled by %s", instance_id, actor or "engine")
 
-    async def retry(self, instance_id: int, *, actor: str = "",
-                    fields: Mapping[str, Any] | None = None) -> list[str]:
-        """Start an instance's failed steps again, after setting ``fields`` (the fix, if it is data)."""
-        await self._require(instance_id)
-        [names] = await self._transact([(instance_id, lambda i, tx: _must(i, instance_id).retry(tx, actor, fields))])
+    async def retry(self, instance_id: int, *, actor: str = "", fields: Mapping[str, Any] | None = None,
+                    handler: bool = False) -> list[str]:
+        """Start an instance's failed steps again, after setting ``fields`` (the
+        fix, if it is data; checked and converted as for a launch).  A step
+        whose error handler failed resumes where its work stopped; with
+        ``handler``, the failed handlers run again instead.  Returns what was
+        started again: step names, or with ``handler`` the handlers' processes."""
+        inst = await self._require(instance_id)
+        values = self._checked(inst.spec, fields) if fields else None
+        [names] = await self._transact([(instance_id, lambda i, tx: _must(i, instance_id).retry(
+            tx, actor, values, handler))])
         log.info("#%d retried by %s: %s", instance_id, actor or "engine", ", ".join(names))
         return names
 
@@ -259,8 +340,8 @@ class Engine:
         for path, run in sorted(runs.items()):
             if run.state is RunState.ACTIVE:
                 continue
-            step = spec.steps.get(path) if spec else None
-            name = step.name if step else path
+            step = spec.find(path) if spec else None
+            name = (step.name if step.path else "process") if step else path
             what = f" ({step.participant})" if step and step.participant else ""
             extra = f" [key {run.key}]" if run.key is not None else ""
             extra += f" [subprocess #{run.child}]" if run.child is not None else ""
@@ -268,7 +349,7 @@ class Engine:
             steps.append(f"{name}{what}: {run.state.value}{extra}")
         timers = []
         for t in await self.store.timers_of(instance_id):
-            step = spec.steps.get(t.path) if spec else None
+            step = spec.find(t.path) if spec else None
             timers.append((event_name(t.name) if t.kind == "event" else t.kind,
                            step.name if step else (t.path or "process"), t.due, bool(t.fired)))
         children = [r.child for r in runs.values() if r.child is not None]
@@ -289,7 +370,7 @@ class Engine:
         if spec is not None and row.status in _ACTIVE_NAMES:
             waiting = self._from_row(row, spec).waiting_on()
         return InstanceSummary(row.id, row.process, row.status, row.project, row.created, row.updated,
-                               waiting, row.parent_id, row.error)
+                               waiting, row.parent_id, row.error, row.handled)
 
     # -- transitions -------------------------------------------------------------
 

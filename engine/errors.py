@@ -38,3 +38,15 @@ class NotAllowedNow(EngineError):
 
 class NoSuchWorkitem(EngineError):
     """A reply for a workitem that is not open (answered, cancelled or unknown)."""
+
+
+class BadFields(EngineError):
+    """Launch or retry fields the definition does not know, or values that do not convert."""
+
+
+class AlreadyLaunched(EngineError):
+    """A launch token was used already (within a week): the launch is not repeated."""
+
+    def __init__(self, instance_id: int) -> None:
+        super().__init__(f"already launched as #{instance_id}")
+        self.instance_id = instance_id

@@ -8,6 +8,25 @@ transition, then announces it.
 
 An instance keeps one ``StepRun`` per active step in ``runs`` (path -> run;
 see ``engine.runs`` for its fields and stored form).
+
+Error handlers.  A failure that an ``on_error: {subprocess: NAME}`` takes
+over runs the handler as a child of the step that owns the policy (the
+"handling" step; the failed step itself, or an enclosing one, up to the
+process).  When the handling step encloses the failed one, the work under it
+is *suspended*, not forgotten: open workitems, subprocesses and timers are
+cancelled, but the runs stay (``SUSPENDED`` for the steps that were under way,
+the failed one included), so that a ``retry`` after a failed handler resumes
+exactly there, never re-running a step that was done; ``retry ... handler``
+runs the handler again.  A handler that completes ends the handling step: the
+suspended work is dropped, and the instance's ``handled`` says what failure
+was dealt with (its outcome: recovered).
+
+Cancellation.  A step (or the process) with ``on_cancel: {subprocess: NAME}``
+that is cut off while under way (the instance cancelled, a concurrence or
+for_each that no longer waits for its branch, an enclosing timeout, a
+terminate elsewhere, suspended work dropped after its handler) starts that
+subprocess in the same transition, with the fields plus ``cancel: {actor,
+step, reason}``; nobody waits for it.
 """
 from __future__ import annotations
 
@@ -18,7 +37,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone, tzinfo
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from engine.definitions import ProcessSpec, StepSpec
+from engine.definitions import MAX_ITEMS, ProcessSpec, StepSpec
 from engine.durations import MAX_DURATION, MAX_DURATION_TEXT, format_duration
 from engine.errors import NotAllowedNow
 from engine.events import Event
@@ -49,7 +68,15 @@ ACTIVE = frozenset({Status.RUNNING, Status.WAITING, Status.FAILED})
 
 OPEN = (RunState.DISPATCHED, RunState.PENDING)      # a workitem is out: a participant may answer
 _WAITING_ON = {RunState.DISPATCHED: "running", RunState.PENDING: "pending", RunState.WAITING: "waiting",
-               RunState.BACKOFF: "retry backoff", RunState.HANDLING: "error handler", RunState.FAILED: "failed"}
+               RunState.BACKOFF: "retry backoff", RunState.HANDLING: "error handler", RunState.FAILED: "failed",
+               RunState.SUSPENDED: "suspended"}
+
+
+@dataclass(frozen=True)
+class _Cut:
+    """Why steps are being cut off: what their on_cancel handlers are told."""
+    actor: str
+    reason: str
 
 
 @dataclass
@@ -138,7 +165,7 @@ class Instance:
         if run is None or run.key != key or run.state not in OPEN:
             return False
         self._begin(tx)
-        step = self.spec.steps[path]
+        step = self.spec.step(path)
         tx.closed.append(key)
         run.key = None
         if reply.kind == "done":
@@ -157,7 +184,7 @@ class Instance:
         self._begin(tx)
         run.state = RunState.PENDING
         tx.pending.append(key)
-        self._history(self.spec.steps[path], "pending")
+        self._history(self.spec.step(path), "pending")
         self._end()
         return True
 
@@ -166,7 +193,7 @@ class Instance:
         queued in ``tx.deliveries`` for its participant."""
         self._begin(tx)
         run = self.runs.get(timer.path)
-        step = self.spec.steps.get(timer.path)
+        step = self.spec.find(timer.path)
         if timer.kind == "event":
             # an event timer stays (marked fired) until the participant has it: at-least-once
             if run is not None and step is not None and run.state in OPEN and run.key is not None:
@@ -195,7 +222,7 @@ class Instance:
         if run is None or run.child != note.child_id:
             return  # the step moved on (cancelled, retried): nothing waits for this child
         self._begin(tx)
-        step = self.spec.steps[note.parent_path]
+        step = self.spec.step(note.parent_path)
         if note.ok:
             run.child = None
             what = "handler" if run.state is RunState.HANDLING else "subprocess"
@@ -205,6 +232,14 @@ class Instance:
                 # with, so it must not linger to mislead a later condition or handler
                 # (the history keeps it)
                 fields = {k: v for k, v in fields.items() if k != "error"}
+                info = run.handling
+                if info is not None:
+                    if info.get("kind") == "error":
+                        self.handled = f"{info['step']}: {info['message']}"[:500]
+                    if info["path"] != step.path:
+                        # the work suspended under the handling step is given up for good
+                        self._cancel_below(step.path, drop=False, cut=_Cut("", f"error at {info['step']} handled"),
+                                           spare=_chain(info["path"]))
             self._scope(step).update(fields)
             self._history(step, f"{what} done", detail=f"#{note.child_id}")
             self._finish(step)
@@ -222,29 +257,57 @@ class Instance:
         if self.status in FINISHED:
             raise NotAllowedNow(f"#{self.id} is already {self.status.value}")
         self._begin(tx)
-        self._cancel_below("", drop=True)
-        self.status = Status.CANCELLED
         self._history(None, "cancelled", actor)
+        self._cancel_below("", drop=True, cut=_Cut(actor, "instance cancelled"))
+        self.status = Status.CANCELLED
         if self.parent:
             tx.followups.append(ChildFinished(self.parent[0], self.parent[1], self.id, False, {}, "was cancelled"))
         self._end()
 
-    def retry(self, tx: Transition, actor: str, fields: Mapping[str, Any] | None = None) -> list[str]:
+    def retry(self, tx: Transition, actor: str, fields: Mapping[str, Any] | None = None,
+              handler: bool = False) -> list[str]:
         """Start the failed steps again.  ``fields`` are the fix, when the fix is
-        data (a missing or wrong field): set where each failed step reads them."""
+        data (a missing or wrong field): set where each failed step reads them.
+        A step whose error handler failed resumes where its work stopped (the
+        step that failed first, and what was under way beside it); with
+        ``handler``, only the failed handlers run again."""
         failed = [p for p, r in self.runs.items() if r.state is RunState.FAILED]
+        if handler:
+            failed = [p for p in failed if self.runs[p].handling is not None]
+            if not failed:
+                raise NotAllowedNow(f"#{self.id} has no failed error handler to retry (it is {self.status.value})")
         if not failed:
             raise NotAllowedNow(f"#{self.id} has no failed step to retry (it is {self.status.value})")
         self._begin(tx)
         names = []
         for path in failed:
-            step = self.spec.steps[path]
-            self._cancel_below(path, drop=False)
-            if fields:
-                self._scope(step).update(fields)
-            self._history(step, "retried", actor, _brief(dict(fields)) if fields else "")
-            names.append(step.name)
-            self._start(step)   # after a fix, on_error's automatic retries start afresh
+            run = self.runs.get(path)
+            if run is None or run.state is not RunState.FAILED:
+                continue       # gone with an earlier one (a failed branch of a retried step)
+            step = self.spec.step(path)
+            info = run.handling
+            detail = _brief(dict(fields)) if fields else ""
+            if handler and info is not None:
+                if fields:
+                    self._scope(step).update(fields)
+                self._history(step, "handler retried", actor, detail)
+                names.append(info["process"])
+                self._stop_child(run)
+                self._handle(step, info["process"], info["message"], info["step"], info["path"], info["kind"])
+            elif info is not None and info["path"] != path:
+                failed_step = self.spec.step(info["path"])
+                if fields:
+                    self._scope(failed_step).update(fields)
+                self._history(failed_step, "retried", actor, detail)
+                names.append(failed_step.name)
+                self._resume(step, run)
+            else:
+                self._cancel_below(path, drop=False)
+                if fields:
+                    self._scope(step).update(fields)
+                self._history(step, "retried", actor, detail)
+                names.append(step.name)
+                self._start(step)   # after a fix, on_error's automatic retries start afresh
         self.error = ""
         self._end()
         return names
@@ -253,12 +316,14 @@ class Instance:
 
     def active_steps(self) -> list[tuple[StepSpec, StepRun]]:
         """Leaf runs: what the instance waits on now."""
-        return [(self.spec.steps[path], run) for path, run in self.runs.items() if run.state is not RunState.ACTIVE]
+        return [(self.spec.step(path), run) for path, run in self.runs.items() if run.state is not RunState.ACTIVE]
 
     def waiting_on(self) -> str:
         parts = []
         for step, run in self.active_steps():
-            parts.append(f"{step.name} {_WAITING_ON[run.state]}" + (f": {run.error}" if run.error else ""))
+            if run.state is RunState.SUSPENDED:
+                continue        # ``show`` lists them; here the handler is what it waits on
+            parts.append(f"{_label(step)} {_WAITING_ON[run.state]}" + (f": {run.error}" if run.error else ""))
         return "; ".join(parts)
 
     # -- internals ---------------------------------------------------------------
@@ -271,8 +336,9 @@ class Instance:
         while self._queue:
             ppath, gen, child = self._queue.popleft()
             prun = self.runs.get(ppath)
-            if prun is not None and prun.generation == gen and prun.state is RunState.ACTIVE:
-                self._child_done(self.spec.steps[ppath], prun, child)
+            if prun is not None and prun.generation == gen and (
+                    prun.state is RunState.ACTIVE or _holds(prun, ppath)):
+                self._child_done(self.spec.step(ppath), prun, child)
         if self.error and self.status is not Status.CANCELLED and not any(
                 r.state is RunState.FAILED for r in self.runs.values()):
             self.error = ""   # the failure it described is gone (retried, skipped, branch dropped)
@@ -291,7 +357,7 @@ class Instance:
     def _history(self, step: StepSpec | None, event: str, actor: str = "", detail: str = "") -> None:
         assert self.tx is not None
         self.tx.history.append(Event(self.id, self.spec.name, self.tx.now, step.path if step else "",
-                                            step.name if step else "", event, actor, detail))
+                                            step.name if step and step.path else "", event, actor, detail))
 
     def _scope(self, step: StepSpec) -> dict[str, Any]:
         if step.scope is None:
@@ -311,6 +377,20 @@ class Instance:
         self.serial += 1
         run = StepRun(RunState.ACTIVE, self.serial, attempt)
         self.runs[step.path] = run
+        if self._held(step.path):
+            # an enclosing step's error handler runs: this waits for a retry to resume it
+            run.state = RunState.SUSPENDED
+            return
+        if step.guard is not None:
+            try:
+                go = bool(evaluate(step.guard, self._scope(step)))
+            except TemplateProblem as exc:
+                self._fail(step, str(exc))
+                return
+            if not go:
+                self._history(step, "skipped", detail=f"if: {step.guard}")
+                self._finish(step)
+                return
         if step.timeout is not None:
             self._timer(step.path, "timeout", self.tx.now + step.timeout)
         kind = step.kind
@@ -329,11 +409,15 @@ class Instance:
                         break
                     self._start(child)
             elif kind == "if":
+                decided = f"if: {step.condition}"
                 if evaluate(step.condition or "false", self._scope(step)):
+                    self._history(step, "then taken", detail=decided)
                     self._start(step.children[0])
                 elif len(step.children) > 1:
+                    self._history(step, "else taken", detail=decided)
                     self._start(step.children[1])
                 else:
+                    self._history(step, "skipped", detail=decided)
                     self._finish(step)
             elif kind == "wait":
                 run.state = RunState.WAITING
@@ -341,6 +425,22 @@ class Instance:
             elif kind == "repeat":
                 run.position = 0
                 self._start(step.children[0])
+            elif kind == "for_each":
+                items = render(step.params, self._scope(step))
+                if isinstance(items, tuple):
+                    items = list(items)
+                if not isinstance(items, list):
+                    raise TemplateProblem(f"for_each: expected a list, got {_brief({'items': items})[6:]}")
+                if len(items) > MAX_ITEMS:
+                    raise TemplateProblem(f"for_each: {len(items)} items, more than {MAX_ITEMS}")
+                run.items, run.position = items, 0
+                run.branch_fields, run.branches_done, run.results = {}, [], {}
+                self._history(step, "for_each started", detail=f"{len(items)} item(s) as {step.var}"
+                              + (": " + _brief_items(items) if items else ""))
+                if items:
+                    self._next_bodies(step, run)
+                else:
+                    self._end_for_each(step, run)
             elif kind == "subprocess":
                 run.state = RunState.WAITING
                 fields = dict(self._scope(step))
@@ -398,13 +498,95 @@ class Instance:
             raise TemplateProblem(f"wait until: {text!r} is more than {MAX_DURATION_TEXT} away")
         return due.timestamp()
 
-    def _launch_child(self, step: StepSpec, process: str, fields: dict[str, Any], run: StepRun) -> None:
+    def _launch_child(self, step: StepSpec, process: str, fields: dict[str, Any], run: StepRun,
+                      event: str = "subprocess") -> None:
         assert self.tx is not None
         child_id = self.tx.allocate_id()
         run.child = child_id
         self.tx.followups.append(Launch(child_id, process, fields, (self.id, step.path),
                                         f"#{self.id} {step.name}"))
-        self._history(step, "subprocess", detail=f"{process} #{child_id}")
+        self._history(step, event, detail=f"{process} #{child_id}")
+
+    def _on_cancel(self, step: StepSpec, cut: _Cut) -> None:
+        """Start ``step``'s on_cancel handler (nobody waits for it)."""
+        assert self.tx is not None and step.on_cancel is not None
+        if step.path:
+            where = step.name
+        else:     # the process's own: what it was doing
+            where = ", ".join(self.spec.step(p).name for p, r in self.runs.items()
+                              if r.state is not RunState.ACTIVE) or "process"
+        fields = dict(self._scope(step))
+        fields["cancel"] = {"actor": cut.actor, "step": where, "reason": cut.reason, "instance": self.id}
+        child_id = self.tx.allocate_id()
+        self.tx.followups.append(Launch(child_id, step.on_cancel, fields, (self.id, step.path),
+                                        f"#{self.id} {step.name if step.path else 'process'} cancelled"))
+        self._history(step if step.path else None, "cancel handler", detail=f"{step.on_cancel} #{child_id}")
+
+    def _held(self, path: str) -> bool:
+        """Is an enclosing step's error handler running (or failed) for work under it?"""
+        at = path
+        while at:
+            at = at.rpartition(".")[0]
+            run = self.runs.get(at)
+            if run is not None and run.handling is not None and _holds(run, at):
+                return True
+        return False
+
+    def _suspend(self, at: StepSpec, failed: StepSpec) -> None:
+        """Stop the work under ``at`` while its handler runs, keeping where it
+        stood: composite runs stay, what was under way (the failed step
+        included) becomes SUSPENDED, and what ran under the failed step goes."""
+        assert self.tx is not None
+        self._cancel_below(failed.path, drop=False)
+        prefix = at.path + "." if at.path else ""
+        for p, run in self.runs.items():
+            if p != at.path and not p.startswith(prefix):
+                continue
+            if run.key is not None and run.state in OPEN:
+                self.tx.cancelled.append(run.key)
+                run.key = None
+            self._stop_child(run)
+            if run.has_timers:
+                run.has_timers = False
+                self.tx.timer_ops.append(DropStepTimers(self.id, p))
+            if p == failed.path or (p != at.path and run.state is not RunState.ACTIVE):
+                run.state = RunState.SUSPENDED
+                run.error = ""
+                run.attempt = 0
+        self._history(at, "suspended", detail=f"until the error at {failed.name} is handled")
+
+    def _resume(self, at: StepSpec, run: StepRun) -> None:
+        """``retry`` of a handling step whose handler failed: start again what
+        was suspended under it, where it stood (the failed step first)."""
+        assert self.tx is not None and run.handling is not None
+        failed_path = run.handling["path"]
+        run.handling = None
+        run.state = RunState.ACTIVE
+        run.error = ""
+        self._stop_child(run)
+        prefix = at.path + "." if at.path else ""
+        for p, r in list(self.runs.items()):
+            if (p == at.path or p.startswith(prefix)) and r.state is RunState.ACTIVE:
+                timeout = self.spec.step(p).timeout
+                if timeout is not None:
+                    self._timer(p, "timeout", self.tx.now + timeout)     # a fresh deadline
+        todo = [p for p, r in self.runs.items() if p.startswith(prefix) and r.state is RunState.SUSPENDED]
+        if failed_path not in self.runs:
+            todo.insert(0, failed_path)
+        for p in sorted(todo, key=lambda p: (p != failed_path, p)):
+            current = self.runs.get(p)
+            if current is not None and current.state is not RunState.SUSPENDED:
+                continue
+            parent = self.spec.parent_path(p)
+            if parent is not None and parent not in self.runs:
+                continue       # what enclosed it ended meanwhile
+            self._start(self.spec.step(p))
+
+    def _stop_child(self, run: StepRun) -> None:
+        if run.child is not None:
+            assert self.tx is not None
+            self.tx.followups.append(CancelInstance(run.child, f"#{self.id} (step cancelled)"))
+            run.child = None
 
     def _finish(self, step: StepSpec) -> None:
         run = self.runs.pop(step.path)
@@ -414,7 +596,8 @@ class Instance:
         if step.path == "":
             self._complete()
             return
-        parent = self.spec.parents[step.path]
+        parent = self.spec.parent_path(step.path)
+        assert parent is not None
         prun = self.runs.get(parent)
         if prun is not None:
             self._queue.append((parent, prun.generation, step))
@@ -437,12 +620,17 @@ class Instance:
             except TemplateProblem as exc:
                 self._fail(parent, str(exc))
                 return
-            if stop or iterations >= parent.max:
+            if not stop and iterations >= parent.max and parent.condition and parent.on_exhausted == "error":
+                self._fail(parent, f"repeat: max {parent.max} iteration(s) reached and break_if "
+                                   f"{parent.condition!r} still false")
+            elif stop or iterations >= parent.max:
                 self._history(parent, "repeat ended", detail=f"after {iterations} iteration(s)"
                               + ("" if stop else " (max reached)"))
                 self._finish(parent)
             else:
                 self._start(parent.children[0])
+        elif kind == "for_each":
+            self._body_done(parent, prun, int(child.path.rsplit(".", 1)[-1]))
         elif kind == "concurrence":
             branch = int(child.path.rsplit(".", 1)[-1])
             order = prun.branches_done
@@ -463,14 +651,75 @@ class Instance:
                             merged[k] = v
                 for other in parent.children:
                     if other.path in self.runs:
-                        prefix = other.path + "."
-                        for path, run in list(self.runs.items()):
-                            if path.startswith(prefix) and run.state is not RunState.ACTIVE:
-                                self._history(self.spec.steps[path], "cancelled",
-                                              detail=f"{parent.name} has what it waits for")
-                        self._cancel_below(other.path, drop=True)
+                        self._drop_branch(parent, other.path)
                 scope.update(merged)
                 self._finish(parent)
+
+    def _drop_branch(self, parent: StepSpec, path: str) -> None:
+        """A branch (or for_each body) its concurrence no longer waits for."""
+        why = f"{parent.name} has what it waits for"
+        prefix = path + "."
+        for p, run in list(self.runs.items()):
+            if p.startswith(prefix) and run.state is not RunState.ACTIVE:
+                self._history(self.spec.step(p), "cancelled", detail=why)
+        self._cancel_below(path, drop=True, cut=_Cut("", why))
+
+    def _next_bodies(self, step: StepSpec, run: StepRun) -> None:
+        """Start for_each bodies while the limit allows: one at a time, or for a
+        concurrent one up to max_parallel (all) at once.  Each body runs on its
+        own copy of the fields, with ``as`` set to its item."""
+        items, bodies = run.items, run.branch_fields
+        assert items is not None and bodies is not None and run.position is not None
+        limit = (step.max_parallel or len(items)) if step.concurrent else 1
+        while run.position < len(items) and len(bodies) < limit:
+            index = run.position
+            run.position += 1
+            fields = copy.deepcopy(self._scope(step))
+            fields[step.var or "item"] = copy.deepcopy(items[index])
+            bodies[index] = fields
+            self._start(self.spec.step(f"{step.path}.{index}"))
+            if self.runs.get(step.path) is not run:
+                return         # ended meanwhile (a failure handled above it)
+
+    def _body_done(self, step: StepSpec, run: StepRun, index: int) -> None:
+        items, bodies, done, results = run.items, run.branch_fields, run.branches_done, run.results
+        assert items is not None and bodies is not None and done is not None and results is not None
+        scope = self._scope(step)
+        body = bodies.pop(index)
+        changed = {k: v for k, v in body.items() if k != step.var and (k not in scope or scope[k] != v)}
+        results[index] = changed
+        done.append(index)
+        total = len(items)
+        if not step.concurrent:
+            if step.merge in ("union", "last") or (step.merge == "first" and index == 0):
+                scope.update(changed)
+            if len(done) < total:
+                self._next_bodies(step, run)
+            else:
+                self._end_for_each(step, run)
+            return
+        wanted = step.wait_for
+        needed = total if wanted == "all" else 1 if wanted == "any" else min(int(wanted), total)
+        if len(done) < needed:
+            self._next_bodies(step, run)
+            return
+        for other in sorted(bodies):
+            self._drop_branch(step, f"{step.path}.{other}")
+        bodies.clear()
+        chosen = {"union": done, "first": done[:1], "last": done[-1:], "none": []}[step.merge]
+        merged: dict[str, Any] = {}
+        for b in chosen:
+            merged.update(results[b])
+        scope.update(merged)
+        self._end_for_each(step, run)
+
+    def _end_for_each(self, step: StepSpec, run: StepRun) -> None:
+        items, results, done = run.items, run.results, run.branches_done
+        assert items is not None and results is not None and done is not None
+        if step.collect:
+            self._scope(step)[step.collect] = [results.get(i) for i in range(len(items))]
+        self._history(step, "for_each ended", detail=f"{len(done)} of {len(items)} item(s) done")
+        self._finish(step)
 
     def _timeout(self, step: StepSpec) -> None:
         policy = step.on_timeout
@@ -479,19 +728,27 @@ class Instance:
         if policy.kind == "error":
             self._fail(step, f"timed out after {after}")
         elif policy.kind == "skip":
-            self._cancel_below(step.path, drop=False)
+            self._cancel_below(step.path, drop=False, cut=_Cut("", f"{step.name} timed out"), spare={step.path})
             self._history(step, "skipped", detail="on timeout")
             self._finish(step)
         else:
-            self._cancel_below(step.path, drop=False)
-            self._handle(step, policy.subprocess or "", f"timed out after {after}")
+            self._cancel_below(step.path, drop=False, cut=_Cut("", f"{step.name} timed out"), spare={step.path})
+            self._handle(step, policy.subprocess or "", f"timed out after {after}", step.name, step.path, "timeout")
 
-    def _handle(self, step: StepSpec, process: str, message: str) -> None:
+    def _handle(self, step: StepSpec, process: str, message: str, failed: str, failed_path: str,
+                kind: str) -> None:
+        """Run ``process`` as the error (or timeout) handler of ``step``: the
+        failure was ``message`` at the step ``failed`` (its path ``failed_path``)."""
         run = self.runs[step.path]
         run.state = RunState.HANDLING
+        run.handling = {"process": process, "message": message, "step": failed, "path": failed_path, "kind": kind}
         fields = dict(self._scope(step))
-        fields["error"] = {"message": message, "step": step.name, "instance": self.id}
-        self._launch_child(step, process, fields, run)
+        if self.spec.language == 1:
+            # language 1 told the handler the step whose policy handled it (sequence@root for the process's)
+            fields["error"] = {"message": message, "step": step.name, "instance": self.id}
+        else:
+            fields["error"] = {"message": message, "step": failed, "path": failed_path, "instance": self.id}
+        self._launch_child(step, process, fields, run, event="handler")
 
     def _fail(self, step: StepSpec, message: str, actor: str = "", *,
               start: StepSpec | None | bool = True, keep_child: bool = False) -> None:
@@ -518,13 +775,18 @@ class Instance:
                         return
                     action = policy.then or policy
                 if action.kind == "skip":
-                    self._cancel_below(at.path, drop=False)
+                    self._cancel_below(at.path, drop=False, cut=_Cut("", f"{at.name} skipped on error"),
+                                       spare=_chain(step.path))
                     self._history(at, "skipped", detail="on error")
+                    self.handled = f"{step.name}: {message}"[:500]
                     self._finish(at)
                     return
                 if action.kind == "subprocess":
-                    self._cancel_below(at.path, drop=False)
-                    self._handle(at, action.subprocess or "", message)
+                    if at.path == step.path:
+                        self._cancel_below(at.path, drop=False)
+                    else:
+                        self._suspend(at, step)
+                    self._handle(at, action.subprocess or "", message, step.name, step.path, "error")
                     return
             at = self.spec.parent(at.path)
         # nobody handles it: the step stays failed until someone retries it
@@ -535,18 +797,26 @@ class Instance:
             self._cancel_below(step.path, drop=False)
         run.state = RunState.FAILED
         run.error = message[:500]
-        self.error = f"{step.name}: {message}"[:500]
+        self.error = f"{_label(step)}: {message}"[:500]
         self._history(step, "failed", actor, message)
         if self.parent:
             self.tx.followups.append(ChildFinished(self.parent[0], self.parent[1], self.id, False, {},
-                                                   f"failed at {step.name}: {message}"))
+                                                   f"failed at {_label(step)}: {message}"))
 
-    def _cancel_below(self, path: str, *, drop: bool) -> None:
+    def _cancel_below(self, path: str, *, drop: bool, cut: _Cut | None = None,
+                      spare: set[str] | frozenset[str] = frozenset()) -> None:
         """Stop the work of the step at ``path`` and of everything under it;
-        ``drop`` also forgets the step's own run."""
+        ``drop`` also forgets the step's own run.  With ``cut``, the steps cut
+        off (but those in ``spare``) that have an on_cancel get it run."""
         assert self.tx is not None
         prefix = path + "." if path else ""
-        for p in [p for p in self.runs if p == path or p.startswith(prefix)]:
+        below = [p for p in self.runs if p == path or p.startswith(prefix)]
+        if cut is not None:
+            for p in below:
+                step = self.spec.step(p)
+                if step.on_cancel and p not in spare and (drop or p != path):
+                    self._on_cancel(step, cut)
+        for p in below:
             run = self.runs[p]
             if run.key is not None and run.state in OPEN:
                 self.tx.cancelled.append(run.key)
@@ -565,7 +835,7 @@ class Instance:
     def _terminate(self, step: StepSpec, message: str) -> None:
         assert self.tx is not None
         self._history(step, "terminate", detail=message)
-        self._cancel_below("", drop=True)
+        self._cancel_below("", drop=True, cut=_Cut("", f"terminated at {step.name}"), spare=_chain(step.path))
         self.status = Status.TERMINATED
         self._history(None, "terminated", detail=message)
         self._queue.clear()
@@ -581,6 +851,31 @@ class Instance:
         if self.parent:
             self.tx.followups.append(ChildFinished(self.parent[0], self.parent[1], self.id, True,
                                                    dict(self.fields), ""))
+
+
+def _label(step: StepSpec) -> str:
+    """A step as people read it; the process's own (root) sequence is "process"."""
+    return step.name if step.path else "process"
+
+
+def _holds(run: StepRun, path: str) -> bool:
+    """Does ``run`` (at ``path``) hold suspended work under it for its handler?"""
+    return run.handling is not None and run.handling["path"] != path and run.state in (
+        RunState.HANDLING, RunState.FAILED)
+
+
+def _chain(path: str) -> set[str]:
+    """``path`` and every step enclosing it, up to the process."""
+    out = {path}
+    while path:
+        path = path.rpartition(".")[0]
+        out.add(path)
+    return out
+
+
+def _brief_items(items: list[Any], limit: int = 160) -> str:
+    text = ", ".join(repr(i) for i in items)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _brief(values: Mapping[str, Any], limit: int = 160) -> str:

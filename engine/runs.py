@@ -11,10 +11,21 @@ already holds; the readable names are for the code only:
     i     position       sequence: the child running; repeat: iterations done
     k     key            dispatch key of the step's open workitem
     c     child          the subprocess (or error handler) instance waited on
-    bf    branch_fields  concurrence: each branch's fields, by branch number
-    done  branches_done  concurrence: the branches finished, in order
+    bf    branch_fields  concurrence: each branch's fields, by branch number;
+                         for_each: each running body's fields, by item number
+    done  branches_done  concurrence, for_each: the branches (bodies) finished, in order
     e     error          why the step failed
     t     has_timers     1 when timers were armed for the step, so they go with it
+    it    items          for_each: the items, as evaluated when it started
+    res   results        for_each: each finished body's changed fields, by item number
+    h     handling       on_error/on_timeout handler: what it was told and where the work
+                         stopped ({process, message, step, path, kind}), kept until the
+                         step is done, so that a retry resumes there and "retry handler"
+                         can tell a new handler the same
+
+for_each: ``position`` is the next item to start.
+``SUSPENDED``: work stopped while an enclosing step's error handler runs; a
+retry starts it again where it stood.
 
 Adding a field: give it a default, write it in ``to_json`` under a new short
 key only when it is not the default, read it in ``from_json`` with the default
@@ -38,6 +49,7 @@ class RunState(str, enum.Enum):
     BACKOFF = "backoff"          # waiting to be retried
     HANDLING = "handling"        # an error handler (subprocess) runs for it
     FAILED = "failed"            # failed with no handler: waits for a retry
+    SUSPENDED = "suspended"      # stopped while an enclosing error handler runs; a retry restarts it
 
 
 @dataclass(slots=True)
@@ -52,6 +64,9 @@ class StepRun:
     branches_done: list[int] | None = None
     error: str = ""
     has_timers: bool = False
+    items: list[Any] | None = None
+    results: dict[int, dict[str, Any]] | None = None
+    handling: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The stored form: defaults left out, as they always were."""
@@ -72,11 +87,18 @@ class StepRun:
             out["e"] = self.error
         if self.has_timers:
             out["t"] = 1
+        if self.items is not None:
+            out["it"] = self.items
+        if self.results is not None:
+            out["res"] = self.results         # int keys written as strings, as for "bf"
+        if self.handling is not None:
+            out["h"] = self.handling
         return out
 
     @staticmethod
     def from_json(raw: Mapping[str, Any]) -> StepRun:
         bf = raw.get("bf")
+        res = raw.get("res")
         return StepRun(
             state=RunState(raw["s"]),
             generation=raw["g"],
@@ -88,6 +110,9 @@ class StepRun:
             branches_done=raw.get("done"),
             error=raw.get("e", ""),
             has_timers=bool(raw.get("t")),
+            items=raw.get("it"),
+            results=None if res is None else {int(i): fields for i, fields in res.items()},
+            handling=raw.get("h"),
         )
 
 

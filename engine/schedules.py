@@ -7,7 +7,9 @@ start the timers are brought in line with the configuration: a new or changed
 schedule (cron or time zone) is armed afresh, one no longer configured is
 forgotten, and a run missed while the bot was down is run once or skipped, as
 its ``misfire`` says.  A run launches its process and moves the timer on in one
-commit, so a crash neither loses a run nor makes it twice.
+commit, so a crash neither loses a run nor makes it twice; and the launch
+carries the token ``schedule NAME DUE`` (DUE: the run's due time, in epoch
+seconds), so one run is launched at most once whatever happens.
 
 Only configuration values are needed to parse the configuration: the store
 and the timer service are imported for type checking only.
@@ -20,7 +22,7 @@ from time import gmtime, strftime
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Mapping, Sequence
 
 from engine.cron import next_cron
-from engine.errors import UnknownProcess
+from engine.errors import AlreadyLaunched, UnknownProcess
 
 if TYPE_CHECKING:
     from engine.store import Op, Store, TimerRow
@@ -54,9 +56,9 @@ class ScheduleInfo:
     last_run: float | None
 
 
-# Launch ``process`` with ``fields`` as ``actor``, writing ``extra`` in the same commit;
-# the new instance's id.  Raises UnknownProcess.
-Launcher = Callable[[str, Mapping[str, Any], str, Sequence["Op"]], Awaitable[int]]
+# Launch ``process`` with ``fields`` as ``actor``, writing ``extra`` in the same commit,
+# once per ``token``; the new instance's id.  Raises UnknownProcess, AlreadyLaunched.
+Launcher = Callable[[str, Mapping[str, Any], str, Sequence["Op"], str], Awaitable[int]]
 
 
 class Schedules:
@@ -108,10 +110,17 @@ class Schedules:
         nxt = next_cron(spec.cron, now, spec.timezone)
         try:
             iid = await self._launch(spec.process, spec.fields, f"schedule {spec.name}",
-                                     self.store.schedule_ops(spec.name, spec.rule, now, nxt))
+                                     self.store.schedule_ops(spec.name, spec.rule, now, nxt),
+                                     f"schedule {spec.name} {row.due:.0f}")
         except UnknownProcess:
             log.error("schedule %s: process %r is not defined; skipped", spec.name, spec.process)
             await self.store.commit(self.store.schedule_ops(spec.name, spec.rule, None, nxt))
+            return
+        except AlreadyLaunched as exc:
+            log.warning("schedule %s: the run due %s was launched already (#%d); not again", spec.name,
+                        _iso(row.due), exc.instance_id)
+            await self.store.commit(self.store.schedule_ops(spec.name, spec.rule, None, nxt))
+            self.timers.notify(nxt)
             return
         self.timers.notify(nxt)
         log.info("#%d %s launched by schedule %s (late by %.1f s); next run %s", iid, spec.process,

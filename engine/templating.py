@@ -6,7 +6,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateSyntaxError, Undefined
+from jinja2 import StrictUndefined, TemplateSyntaxError, Undefined, meta
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -46,6 +46,21 @@ def check_template(value: Any) -> str | None:
             if problem:
                 return problem
     return None
+
+
+def fields_read(value: Any, *, condition: bool = False) -> set[str]:
+    """The field names a template (every string inside ``value``) or, with
+    ``condition``, an expression reads; empty for what does not compile."""
+    if isinstance(value, dict):
+        return set().union(*(fields_read(v) for v in value.values())) if value else set()
+    if isinstance(value, list):
+        return set().union(*(fields_read(v) for v in value)) if value else set()
+    if not isinstance(value, str) or not (condition or _is_template(value)):
+        return set()
+    try:
+        return set(_names(f"{{{{ ({value}) }}}}" if condition else value))
+    except TemplateSyntaxError:
+        return set()
 
 
 def evaluate(source: str, fields: dict[str, Any]) -> Any:
@@ -98,3 +113,8 @@ def _expression(source: str) -> Any:
 @lru_cache(maxsize=1024)
 def _compile(source: str) -> Any:
     return _env.from_string(source)
+
+
+@lru_cache(maxsize=1024)
+def _names(source: str) -> frozenset[str]:
+    return frozenset(meta.find_undeclared_variables(_env.parse(source))) - frozenset(_env.globals)

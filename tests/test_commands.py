@@ -209,9 +209,9 @@ async def test_retry_may_set_the_fields_that_fix_the_failure(setup) -> None:  # 
             break
         await asyncio.sleep(0.05)
     [line] = await say(dispatcher, alice, "retry 1 project=Other")
-    assert line == "the project of an instance cannot change. Usage: retry <id> [key=value ...]"
+    assert line == "the project of an instance cannot change. Usage: retry <id> [handler] [key=value ...]"
     [line] = await say(dispatcher, alice, "retry 1 =3")
-    assert line == "bad key=value '=3'. Usage: retry <id> [key=value ...]"
+    assert line == "bad key=value '=3'. Usage: retry <id> [handler] [key=value ...]"
     assert (await engine.summary(1)).status == "failed"                 # bad input changed nothing
     assert await say(dispatcher, alice, "retry 1 threshold=3") == [
         "retrying #1: error@2.else.0 with threshold set"]
@@ -232,10 +232,12 @@ async def test_non_ascii_digits_are_not_an_instance_id(setup, command: str) -> N
     assert line.startswith("bad instance id") and "Usage:" in line
 
 
-async def test_a_value_too_long_to_convert_is_a_usage_error(setup) -> None:  # type: ignore[no-untyped-def]
+async def test_a_value_too_long_to_convert_is_refused(setup) -> None:  # type: ignore[no-untyped-def]
     dispatcher, engine, _ = setup
-    [line] = await say(dispatcher, irc("alice", "alice"), "launch hello n=" + "9" * 5000)
-    assert line.startswith("cannot read the value of 'n'") and "Usage: launch" in line
+    [line] = await say(dispatcher, irc("alice", "alice"), "launch parallel-checks threshold=" + "9" * 5000)
+    assert line == "threshold: '99999999999999999999... is too large a number"
+    [line] = await say(dispatcher, irc("alice", "alice"), "launch hello project=Project n=" + "9" * 5000)
+    assert line == "unknown field 'n' (known: project, who)"
     assert await engine.instances(include_finished=True) == []
 
 

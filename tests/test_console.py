@@ -19,6 +19,7 @@ steps:
 """
 WAITS = """
 name: waits
+inputs: {ticket: int, title: str}
 steps:
   - id: approve
     participant: hold
@@ -44,7 +45,8 @@ def test_help_lists_commands_and_explains_one(bot: Bot) -> None:
     [line] = bot.ask("help")
     for name in ("launch", "ps", "show", "history", "cancel", "retry", "schedules", "whoami"):
         assert name in line
-    assert bot.ask("help launch") == ["launch <process> [key=value ...] - start a process with the given fields"]
+    assert bot.ask("help launch") == ["launch [--once TOKEN] <process> [key=value ...] - start a process with the "
+                                      "given fields; with --once, at most once per TOKEN (kept 8 days)"]
 
 
 def test_launch_show_history_cancel(bot: Bot) -> None:
@@ -88,17 +90,17 @@ def test_schedules_and_whoami(bot: Bot) -> None:
 
 @pytest.mark.parametrize("command, reply", [
     ("frobnicate", "unknown command 'frobnicate'; try: help"),
-    ("launch", "missing process name. Usage: launch <process> [key=value ...]"),
-    ("launch nosuch", "unknown process 'nosuch' (known: flaky, waits). Usage: launch <process> [key=value ...]"),
-    ("launch waits ticket", "bad key=value 'ticket'. Usage: launch <process> [key=value ...]"),
-    ("launch waits 9x=1", "bad key=value '9x=1'. Usage: launch <process> [key=value ...]"),
+    ("launch", "missing process name. Usage: launch [--once TOKEN] <process> [key=value ...]"),
+    ("launch nosuch", "unknown process 'nosuch' (known: flaky, waits). Usage: launch [--once TOKEN] <process> [key=value ...]"),
+    ("launch waits ticket", "bad key=value 'ticket'. Usage: launch [--once TOKEN] <process> [key=value ...]"),
+    ("launch waits 9x=1", "bad key=value '9x=1'. Usage: launch [--once TOKEN] <process> [key=value ...]"),
     ("launch waits 'unbalanced", "cannot parse the command (No closing quotation); try: help"),
     ("show", "expected one instance id. Usage: show <id>"),
     ("show abc", "bad instance id 'abc'. Usage: show <id>"),
     ("show 99", "no instance #99"),
     ("history 99", "no instance #99"),
     ("cancel 99", "no instance #99"),
-    ("retry 1 2", "bad key=value '2'. Usage: retry <id> [key=value ...]"),
+    ("retry 1 2", "bad key=value '2'. Usage: retry <id> [handler] [key=value ...]"),
     ("ps now", "unexpected arguments. Usage: ps [all]"),
     ("help nosuch", "unknown command 'nosuch'; try: help"),
 ])

@@ -406,6 +406,7 @@ async def test_repeat_stops_at_max(engines) -> None:
               - set: {n: "{{ n + 1 }}"}
             max: 4
             break_if: "n >= 100"
+            on_exhausted: continue      # the default, error, fails the step (test_engine_semantics)
         """})
     iid = await engine.launch("loop")
     await engine.idle()
@@ -1081,7 +1082,7 @@ async def test_rows_are_committed_before_the_participant_is_called(engines, tmp_
 
 
 async def test_concurrent_launches_share_commits(engines) -> None:
-    engine = await engines({"g": "steps: [{set: {a: 1}}, {participant: echo}]"})
+    engine = await engines({"g": "fields: {i: 0}\nsteps: [{set: {a: 1}}, {participant: echo}]"})
     store = engine.store
     commits, transitions = store.commits, store.transitions
     ids = await asyncio.gather(*(engine.launch("g", {"i": i}) for i in range(200)))

@@ -37,6 +37,9 @@ SAMPLES: dict[str, Any] = {
     "branches_done": [1],
     "error": "disk full",
     "has_timers": True,
+    "items": ["x86_64", {"arch": "aarch64"}],
+    "results": {0: {"built": True}, 2: {}},
+    "handling": {"process": "notify", "message": "disk full", "step": "build", "path": "1", "kind": "error"},
 }
 
 
