@@ -20,7 +20,7 @@ import pytest
 from engine.definitions import ProcessSpec, parse_definition
 from engine.engine import Engine
 from engine.events import Event
-from engine.participants import Participant, ParticipantRegistry, Reply, Workitem
+from engine.participants import ParticipantEnv, Participant, ParticipantRegistry, Reply, Workitem
 from engine.schedules import ScheduleSpec
 from engine.store import Store
 from engine.timers import Clock, ManualClock
@@ -121,7 +121,8 @@ async def make_engine(tmp_path: Path, definitions: Mapping[str, str] | None = No
                       participants: Iterable[Participant] = (), *,
                       specs: Mapping[str, ProcessSpec] | None = None, registry: ParticipantRegistry | None = None,
                       clock: Clock | None = None, timezone: str = "UTC", db_name: str = DB_NAME,
-                      schedules: Iterable[ScheduleSpec] = (), use_scheduler: bool = False) -> Engine:
+                      schedules: Iterable[ScheduleSpec] = (), use_scheduler: bool = False,
+                      participant_env: ParticipantEnv | None = None) -> Engine:
     """A started engine over ``tmp_path/db_name``; what ``engines`` builds."""
     if registry is None:
         registry = ParticipantRegistry([Echo(), Fail(), Hold(), Record(), Sleep()])
@@ -134,7 +135,7 @@ async def make_engine(tmp_path: Path, definitions: Mapping[str, str] | None = No
     store = Store(tmp_path / db_name)
     store.open()
     engine = Engine(store, all_specs, registry, clock=clock or ManualClock(), use_scheduler=use_scheduler,
-                    timezone=timezone, schedules=schedules)
+                    timezone=timezone, schedules=schedules, participant_env=participant_env)
     await engine.start()
     return engine
 
@@ -167,6 +168,7 @@ async def engines(tmp_path: Path) -> AsyncIterator[EngineFactory]:
                        with ``close_engine`` before)
     ``schedules``      ``ScheduleSpec``s to keep
     ``use_scheduler``  fire timers with the real APScheduler (default False: ``advance`` does)
+    ``participant_env`` participants' checked config sections and the user directory
 
     Every engine built is stopped, and its store closed, after the test."""
     built: list[Engine] = []
