@@ -20,7 +20,8 @@ import pytest
 from engine.definitions import ProcessSpec, parse_definition
 from engine.engine import Engine
 from engine.events import Event
-from engine.participants import ParticipantEnv, Participant, ParticipantRegistry, Reply, Workitem
+from engine.participant_runtime import ParticipantEnv
+from engine.participants import Participant, ParticipantRegistry, Reply, Workitem
 from engine.schedules import ScheduleSpec
 from engine.store import Store
 from engine.timers import Clock, ManualClock
