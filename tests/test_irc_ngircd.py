@@ -15,7 +15,6 @@ from bot.access import IrcIds, User
 from bot.chat import Identity, Room, TransportError
 from bot.transports.irc.delivery import MARKER_AGE
 from engine.engine import Engine
-from tests.engine_fixtures import engines  # noqa: F401  # the fixture irc_engine builds on
 from tests.servers import free_port, require_binary
 from tests.servers.irc import (BOT, NET, BotFactory, Human, Ngircd, bot_lines, fast, irc_config, wait_for)
 from tests.servers.tls import ThrowawayCA

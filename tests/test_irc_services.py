@@ -16,7 +16,6 @@ import pytest
 from bot.access import IrcIds, User
 from bot.chat import Identity, Message, Room
 from bot.transports.irc import DEFAULT_BURST, DEFAULT_CAPS, DEFAULT_MAX_QUEUED, DEFAULT_RATE, IrcConfig, IrcTransport
-from tests.engine_fixtures import engines  # noqa: F401  # the fixture irc_engine builds on
 from tests.servers import free_port
 from tests.servers.irc import BOT, NET, BotFactory, Human, InspircdAnope, irc_config, wait_for
 from tests.serverkit.irc import NoLateSaslProxy
