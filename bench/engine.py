@@ -8,6 +8,9 @@ median of several runs.
                             synchronous=FULL, instances one after another: branches
                             completed per second (fan-in: replies that arrive together
                             must share a commit)
+  foreach_branches_per_s    the same shape as a for_each: 100 items, concurrent, one quick
+                            participant step per body, measured in the same run (goal:
+                            at least 90% of concurrence_branches_per_s)
   restart_ready_s           the real bot (run_bot.py) on a database of 10,000 instances waiting
                             with a timer each: from spawn to re-armed and answering a command
   timer_lateness_p99_ms     1,000 timers due at one instant: due -> its transition committed
@@ -38,6 +41,7 @@ from engine.store import Store  # noqa: E402
 
 FIVE_STEPS = textwrap.dedent("""
     name: five
+    fields: {n: 0}
     steps:
       - participant: quick
       - participant: approval
@@ -45,6 +49,14 @@ FIVE_STEPS = textwrap.dedent("""
 """)
 FAN_BRANCHES = 100
 FAN_OUT = "name: fan\nsteps:\n  - concurrence:\n" + "      - participant: quick\n" * FAN_BRANCHES
+FOR_EACH = textwrap.dedent(f"""
+    name: each
+    steps:
+      - for_each: "{{{{ range({FAN_BRANCHES}) | list }}}}"
+        concurrent: true
+        do:
+          - participant: quick
+""")
 TIMED = textwrap.dedent("""
     name: timed
     steps:
@@ -109,11 +121,11 @@ async def durable_run(n: int, workdir: Path) -> float:
     return n / elapsed
 
 
-async def concurrence_run(n: int, workdir: Path) -> float:
-    """n instances of FAN_OUT, one at a time; branches completed per second."""
+async def concurrence_run(n: int, workdir: Path, process: str = "fan") -> float:
+    """n instances of FAN_OUT (or FOR_EACH), one at a time; branches completed per second."""
     store = Store(workdir / f"fan-{time.monotonic_ns()}.sqlite3", synchronous="FULL")
     store.open()
-    engine = Engine(store, specs(FAN_OUT), ParticipantRegistry([Quick(), Approval()]), use_scheduler=False)
+    engine = Engine(store, specs(FAN_OUT, FOR_EACH), ParticipantRegistry([Quick(), Approval()]), use_scheduler=False)
     await engine.start()
     completed = asyncio.Queue[int]()
 
@@ -122,7 +134,7 @@ async def concurrence_run(n: int, workdir: Path) -> float:
     engine.bus.subscribe(on_event, ["completed"])
     t0 = time.perf_counter()
     for _ in range(n):
-        iid = await engine.launch("fan")
+        iid = await engine.launch(process)
         assert await completed.get() == iid
     elapsed = time.perf_counter() - t0
     await engine.stop()
@@ -132,6 +144,7 @@ async def concurrence_run(n: int, workdir: Path) -> float:
 
 WAITING_HOME_PROCESS = """
 name: waiting
+fields: {i: 0}
 steps:
   - participant: hold
     timeout: 1h
@@ -234,8 +247,12 @@ def main() -> None:
         n = int(os.environ.get("BENCH_PROCESSES", "3000"))
         rates = [asyncio.run(durable_run(n, work)) for _ in range(runs)]
         print(f"durable_processes_per_s={statistics.median(rates):.0f}", flush=True)
-        fans = [asyncio.run(concurrence_run(200, work)) for _ in range(runs)]
+        fans, eaches = [], []
+        for _ in range(runs):       # alternated, so that both see the same machine
+            fans.append(asyncio.run(concurrence_run(200, work)))
+            eaches.append(asyncio.run(concurrence_run(200, work, "each")))
         print(f"concurrence_branches_per_s={statistics.median(fans):.0f}", flush=True)
+        print(f"foreach_branches_per_s={statistics.median(eaches):.0f}", flush=True)
 
         home = make_home(work / "home")
         rss_cached = asyncio.run(populate_waiting(home, 10_000))

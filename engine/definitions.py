@@ -170,7 +170,7 @@ class ProcessSpec:
         return self._copies.get(path)
 
     def step(self, path: str) -> StepSpec:
-        spec = self.find(path)
+        spec = self.steps.get(path) or self._copies.get(path) or self.find(path)
         if spec is None:
             raise KeyError(path)
         return spec

@@ -675,7 +675,8 @@ class Instance:
             index = run.position
             run.position += 1
             fields = copy.deepcopy(self._scope(step))
-            fields[step.var or "item"] = copy.deepcopy(items[index])
+            item = items[index]
+            fields[step.var or "item"] = item if isinstance(item, (str, int, float, bool)) else copy.deepcopy(item)
             bodies[index] = fields
             self._start(self.spec.step(f"{step.path}.{index}"))
             if self.runs.get(step.path) is not run:
