@@ -10,8 +10,9 @@ Clock = Callable[[], float]
 
 
 class TokenBucket:
-    """``burst`` tokens, refilled at ``rate`` per second.  ``delay()`` says how
-    long to wait before the next send; ``take()`` spends a token."""
+    """``burst`` tokens, refilled at ``rate`` per second.  ``available()`` says
+    how many there are now, ``delay()`` how long to wait for the next one (or
+    for ``needed``), ``take()`` spends one."""
 
     def __init__(self, rate: float, burst: int, clock: Clock = time.monotonic) -> None:
         if rate <= 0 or burst < 1:
@@ -22,17 +23,19 @@ class TokenBucket:
         self._tokens = float(burst)
         self._stamp = clock()
 
-    def _refill(self) -> None:
+    def available(self) -> float:
+        """Tokens there now (fractions included; below 0 after a forced take)."""
         now = self._clock()
         self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
         self._stamp = now
+        return self._tokens
 
-    def delay(self) -> float:
-        self._refill()
-        return 0.0 if self._tokens >= 1 else (1 - self._tokens) / self.rate
+    def delay(self, needed: float = 1.0) -> float:
+        tokens = self.available()
+        return 0.0 if tokens >= needed else (needed - tokens) / self.rate
 
     def take(self) -> None:
-        self._refill()
+        self.available()
         self._tokens -= 1
 
 
@@ -70,6 +73,3 @@ class Cooldown:
             return "quiet"
         self._refused[key] = now
         return "refuse"
-
-    def allow(self, key: str) -> bool:
-        return self.admit(key) == "ok"

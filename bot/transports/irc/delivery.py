@@ -43,6 +43,7 @@ from typing import Callable, Iterator, Protocol
 
 from bot.logsafety import sanitise
 from bot.outqueue import FairQueue, overflow_note
+from bot.pacing import TokenBucket
 from bot.transports.irc.roster import CHANGED, CHECK_TIMEOUT, GONE, OK, UNKNOWN
 from bot.transports.irc.text import split_utf8
 
@@ -95,30 +96,6 @@ class OutLine:
     written: float = 0.0
     again: bool = False          # sent again after a reconnect: goes first
     target: str = ""             # the name it was written to (the person may have changed nick since)
-
-
-class Tokens:
-    """A token bucket that can say how many tokens it holds (the marker policy
-    needs it): ``burst`` tokens, refilled at ``rate`` per second."""
-
-    def __init__(self, rate: float, burst: int, clock: Clock) -> None:
-        self.rate, self.burst, self.clock = rate, burst, clock
-        self._tokens, self._stamp = float(burst), clock()
-
-    def available(self) -> float:
-        now = self.clock()
-        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
-        self._stamp = now
-        return self._tokens
-
-    def delay(self, needed: float = 1.0) -> float:
-        """How long until ``needed`` tokens are there."""
-        tokens = self.available()
-        return 0.0 if tokens >= needed else (needed - tokens) / self.rate
-
-    def take(self) -> None:
-        self.available()
-        self._tokens -= 1
 
 
 class Lanes:
@@ -348,7 +325,7 @@ class Writer:
         self.delivery = delivery
         self.link = link
         self.clock = clock
-        self.tokens = Tokens(rate, burst, clock)
+        self.tokens = TokenBucket(rate, burst, clock)
         self.ask_tokens = min(2, burst)      # a WHO, and the line its answer releases
         self.batch: list[str] = []
         self.asks: deque[str] = deque()      # nicks to ask the server about
