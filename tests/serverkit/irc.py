@@ -2,7 +2,8 @@
 ``tests/servers/irc.py`` and the benchmarks in ``bench/`` both use this):
 ngircd (fast, plain IRC) and InspIRCd 3 + Anope 2 (NickServ, SASL, IRCv3
 account-tag), on free ports in per-run temp dirs, plus clients that play
-the human.  Configs and gotchas: ../shared/test-servers.md section 2.
+the human.  docs/architecture.md lists the servers; the configs below say
+why each setting is there.
 
 InspIRCd listens on two client ports: ``port`` uses InspIRCd's DEFAULT
 connect class (no flood/rate attributes, so the bot is tested against real

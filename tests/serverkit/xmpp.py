@@ -5,7 +5,7 @@ has the fixtures); a missing binary raises ``ServerMissing``.
 Each server gets a free port and its own temp dir; users are written into its
 data dir before the server starts, as ``prosodyctl register`` would write them
 (a Lua process per user took 40 ms, most of a test's server start).
-The config is the one from ``test-servers.md`` section 3, plus ``smacks``
+The config is a plain loopback Prosody (no TLS, MUC rooms unlocked), plus ``smacks``
 (XEP-0198 stream management, bundled with 0.12) and ``offline`` storage.
 
 ``Prosody(tls=True)`` is the TLS variant: mod_tls on, STARTTLS required
