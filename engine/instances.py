@@ -245,6 +245,10 @@ class Instance:
             self._finish(step)
         elif run.state is not RunState.FAILED:
             message = f"subprocess #{note.child_id} {note.error}"
+            info = run.handling
+            if run.state is RunState.HANDLING and info is not None:
+                message = (f"handler {info['process']} #{note.child_id} {note.error} "
+                           f"(handling {info['step']}: {info['message']})")
             if run.state is RunState.HANDLING:
                 # the handler stays tracked: retrying the step cancels it, and retrying
                 # the handler itself resumes the step

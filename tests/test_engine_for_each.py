@@ -244,3 +244,26 @@ def test_a_concurrent_for_each_killed_half_way_finishes_each_item_once(tmp_path:
         assert done == sorted(f"work {i}" for i in range(12))
     finally:
         bot.stop()
+
+
+async def test_concurrences_and_guards_inside_bodies_and_a_for_each_inside_a_branch(engines: EngineFactory) -> None:
+    engine = await engines({"p": """
+        steps:
+          - concurrence:
+              - - for_each: [x86_64, aarch64, ppc64le]
+                  as: arch
+                  collect: builds
+                  do:
+                    - concurrence:
+                        - {set: {rpm: "{{ arch }}.rpm"}}
+                        - {set: {log: "{{ arch }}.log"}, if: "arch != 'ppc64le'"}
+              - set: {other: 1}
+        """})
+    iid = await engine.launch("p")
+    await engine.idle()
+    got = await fields(engine, iid)
+    assert got["builds"] == [{"rpm": "x86_64.rpm", "log": "x86_64.log"}, {"rpm": "aarch64.rpm", "log": "aarch64.log"},
+                             {"rpm": "ppc64le.rpm"}]
+    assert (got["other"], got["rpm"], got["log"]) == (1, "ppc64le.rpm", "aarch64.log")
+    assert [(e.step, e.detail) for e in await events(engine, iid, "skipped")] == [
+        ("set@0.0.0.2.0.1.0", "if: arch != 'ppc64le'")]

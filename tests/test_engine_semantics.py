@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -84,7 +85,7 @@ async def test_ps_and_show_tell_a_recovered_instance_from_a_completed_one(engine
 
 # -- 4. retry after a failed handler resumes; retry handler re-runs the handler -----------------
 
-async def failed_twice(engines: EngineFactory, tmp_path: Path) -> tuple[object, int, Recorder, Recorder, Path]:
+async def failed_twice(engines: EngineFactory, tmp_path: Path) -> tuple[Any, int, Recorder, Recorder, Path]:
     rec = Recorder(mode="fail")
     notifier = Recorder("notifier", mode="fail")
     out = tmp_path / "out.txt"
@@ -263,3 +264,25 @@ async def test_a_schedule_run_is_launched_once_per_due_time(engines: EngineFacto
     # the same run once more (as after a crash between the launch and the timer moving on): not launched again
     await engine._schedules.fire(type("Row", (), {"path": "nightly", "due": START + 3600})())  # type: ignore[arg-type]
     assert len(await engine.instances(include_finished=True)) == 1
+
+
+async def test_retry_and_retry_handler_from_chat(engines: EngineFactory, tmp_path: Path) -> None:
+    from bot.access import Directory, User
+    from bot.chat import VERIFIED_CONSOLE, Identity, Message
+    from bot.commands import Dispatcher, default_registry
+    engine, iid, rec, notifier, out = await failed_twice(engines, tmp_path)
+    d = Dispatcher(engine, Directory([User("admin", roles={"*": frozenset({"admins"})})]), default_registry())
+    admin = Identity("console", "console", "admin", account="admin", verified_by=VERIFIED_CONSOLE)
+
+    async def say(text: str) -> list[str]:
+        return (await d.handle(Message(admin, text, None))).lines
+    [ps] = [line for line in await say("ps") if line.startswith(f"#{iid} ")]
+    assert ps.startswith(f"#{iid} publish failed - process failed: handler notify-failure #{iid + 1} failed at tell: "
+                         "boom (handling publish: mirror unreachable)")
+    assert await say(f"retry {iid} handler") == [f"retrying #{iid}: the error handler notify-failure"]
+    await engine.idle()            # failed again: the notifier still fails
+    notifier.mode = "done"
+    assert await say(f"retry {iid} handler") == [f"retrying #{iid}: the error handler notify-failure"]
+    await engine.idle()
+    assert (await say(f"show {iid}"))[0].startswith(f"#{iid} publish: completed, recovered;")
+    assert await say(f"retry {iid} handler") == [f"#{iid} has no failed error handler to retry (it is completed)"]
