@@ -13,6 +13,7 @@ from participants import discover
 
 WAITING = """\
 name: waits
+inputs: {n: int}
 steps:
   - id: approve
     participant: hold

@@ -19,7 +19,7 @@ from typing import Any, Collection, Mapping, Protocol
 from bot.access import IrcIds, User
 from engine.configkit import Findings, Section, empty_node
 from bot.transports import FRONT_ENDS, front_end
-from engine.definitions import ProcessSpec, collect_definitions
+from engine.definitions import ProcessSpec, collect_definitions, field_problems
 from engine.schedules import ScheduleSpec
 from engine.yamlconfig import ConfigError, Node, Problem, load_yaml
 from engine.cron import check_cron
@@ -255,6 +255,10 @@ def load_config(conf_dir: Path, participants: Mapping[str, ParticipantChecks] | 
             s.problem("name", f"schedule {name!r} defined twice")
         if process is not None and process not in process_names:
             s.problem("process", f"schedule {name!r}: unknown process {process!r}")
+        elif process in specs:
+            # fields a launch would refuse (unknown, or not of the declared input type): refused here
+            for message in field_problems(specs[process], fields, specs):
+                s.problem("fields", f"schedule {name!r}: {message}")
         if name and cron and process and name not in seen:
             seen.add(name)
             schedules.append(ScheduleSpec(name, cron, process, dict(fields), smisfire, tz))

@@ -262,15 +262,17 @@ def _shown(value: Any) -> str:
 
 
 def known_fields(spec: ProcessSpec, specs: Mapping[str, ProcessSpec] | None = None) -> frozenset[str]:
-    """The fields a launch of ``spec`` may set: ``project``, those it declares
-    (``fields``, ``inputs``) and those it reads in a template or condition; with
-    ``specs``, also those of every process it may start (subprocesses and
-    handlers get all of its fields)."""
+    """The fields a launch of ``spec`` may set: ``project`` and those it declares
+    (``fields``, ``inputs``); with ``specs``, also those declared by every
+    process it may start (subprocesses and handlers get all of its fields).
+    A field a template merely reads is not declared: declaring it (with a
+    default in ``fields``, or a type in ``inputs``) is what makes a misspelt
+    launch field detectable."""
     names = {"project"}
     todo, seen = [spec], {spec.name}
     while todo:
         current = todo.pop()
-        names |= set(current.fields) | set(current.inputs) | current.reads
+        names |= set(current.fields) | set(current.inputs)
         for name, _line in current.subprocesses():
             called = specs.get(name) if specs is not None else None
             if called is not None and name not in seen:

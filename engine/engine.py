@@ -326,6 +326,14 @@ class Engine:
             raise NoSuchInstance(f"no instance #{instance_id}")
         return self._summary(rows[0])
 
+    async def definition_of(self, instance_id: int) -> ProcessSpec:
+        """The definition an instance runs on: today's, or the version (and
+        definition language) stored when it was launched."""
+        rows = await self.store.load_instances([instance_id])
+        if not rows:
+            raise NoSuchInstance(f"no instance #{instance_id}")
+        return await self._spec_of(rows[0])
+
     async def describe(self, instance_id: int) -> InstanceDetail:
         rows = await self.store.load_instances([instance_id])
         if not rows:

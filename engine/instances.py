@@ -167,6 +167,7 @@ class Instance:
         self._begin(tx)
         step = self.spec.step(path)
         tx.closed.append(key)
+        tx.extra.extend(reply.ops)      # the participant's own writes, in the commit of its answer
         run.key = None
         if reply.kind == "done":
             self._scope(step).update(reply.fields)

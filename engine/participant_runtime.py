@@ -22,11 +22,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from engine.configkit import Findings, Section
-from engine.definitions import ProcessSpec, parse_definition
+from engine.definitions import ProcessSpec
 from engine.errors import EngineError
 from engine.participants import DirectoryUser, Participant, Services, UserDirectory, Workitem
 from engine.store import Op, Store
-from engine.yamlconfig import loads_yaml
 
 if TYPE_CHECKING:
     from engine.engine import Engine
@@ -162,27 +161,14 @@ class StepSources:
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._old: dict[str, ProcessSpec] = {}
 
     async def __call__(self, workitem: Workitem) -> Mapping[str, Any]:
-        engine = self._engine
-        rows = await engine.store.load_instances([workitem.instance_id])
-        digest = rows[0].definition if rows else None
-        current = engine.specs.get(workitem.process)
-        spec: ProcessSpec | None
-        if current is not None and (not digest or digest == current.digest):
-            spec = current
-        else:
-            spec = self._old.get(digest or "")
-            if spec is None and digest:
-                stored = await engine.store.definition_source(digest)
-                if stored is not None:
-                    name, source = stored
-                    spec, _problems = parse_definition(loads_yaml(source, f"{name}@{digest}"), f"{name}@{digest}",
-                                                       name, None, source)
-                    if spec is not None:
-                        self._old[digest] = spec
-        step = spec.steps.get(workitem.path) if spec is not None else None
+        try:
+            spec: ProcessSpec | None = await self._engine.definition_of(workitem.instance_id)
+        except EngineError:
+            spec = None
+        # find(): a for_each body's steps are copies at their own paths (3.1.0), not in spec.steps
+        step = spec.find(workitem.path) if spec is not None else None
         if step is None or step.participant != workitem.participant:
             raise LookupError(f"#{workitem.instance_id} {workitem.step}: the step's definition is not available")
         return dict(step.params or {})

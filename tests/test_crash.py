@@ -14,6 +14,7 @@ from tests.botproc import Bot, make_home
 
 PIPELINE = """
 name: pipeline
+inputs: {n: str, out: str}
 steps:
   - id: build
     participant: record

@@ -26,7 +26,7 @@ from participants import discover
 ROOT = Path(__file__).resolve().parent.parent
 PARTICIPANTS = ParticipantRegistry(discover()).names()
 KNOWN = ", ".join(sorted(PARTICIPANTS))
-EXPRESSIONS = "participant, sequence, concurrence, if, wait, repeat, subprocess, set, terminate, error"
+EXPRESSIONS = "participant, sequence, concurrence, if, wait, repeat, for_each, subprocess, set, terminate, error"
 BOT_KEYS = "database, durability, timezone, misfire, log_level, console, commands, schedules, networks, participants"
 BAD_DURATION = "expected e.g. 90s, 4h, 2d, 1h30m"
 P = "conf/processes/p.yaml"   # how a definition written by proc_problems() is named in problems
@@ -258,7 +258,8 @@ def test_unknown_key_in_step(tmp_path: Path) -> None:
 
 
 def test_unknown_top_level_key_in_definition(tmp_path: Path) -> None:
-    expected = "name, description, project, launch_roles, fields, steps, timeout, on_timeout, on_error"
+    expected = ("name, description, project, launch_roles, inputs, fields, extra_fields, steps, timeout, "
+                "on_timeout, on_error, on_cancel")
     assert proc_problems(tmp_path, """
         name: p
         description: d
@@ -377,8 +378,8 @@ def test_all_problems_of_one_definition_together(tmp_path: Path) -> None:
             on_timeout: skip
             size: 3
         """) == [
-        f"{P}:2: unknown key 'colour' (expected name, description, project, launch_roles, fields, steps, "
-        "timeout, on_timeout, on_error)",
+        f"{P}:2: unknown key 'colour' (expected name, description, project, launch_roles, inputs, fields, "
+        "extra_fields, steps, timeout, on_timeout, on_error, on_cancel)",
         f"{P}:4: unknown participant 'nope' (known: {KNOWN})",
         f"{P}:5: unknown expression 'frobnicate' (expected one of {EXPRESSIONS})",
         f"{P}:6: wait: bad duration 'soon': {BAD_DURATION}",
@@ -930,3 +931,20 @@ def test_hostmasks_on_a_network_that_does_not_allow_them_get_a_warning(tmp_path:
         "conf/users.yaml:5: user 'bob': hostmasks on libera are never used: that network has allow_hostmask: false"]
     result = run_bot("check", str(home / "conf"), cwd=home)
     assert result.returncode == 0 and result.stdout.splitlines()[0].startswith("conf/users.yaml:5: warning: ")
+
+
+def test_a_schedule_with_a_field_its_process_does_not_declare_is_refused_at_check(tmp_path: Path) -> None:
+    assert problems(tmp_path, {"bot.yaml": """
+        console: {user: admin}
+        schedules:
+          - name: nightly
+            cron: "0 2 * * *"
+            process: counted
+            fields: {rpeo: devel, count: many}
+        """, "processes/counted.yaml": """
+        inputs: {repo: str, count: int}
+        steps:
+          - participant: echo
+            params: {text: "{{ repo }} {{ count }}"}
+        """}) == ["conf/bot.yaml:6: schedule 'nightly': count: expected a whole number, got 'many'",
+                  "conf/bot.yaml:6: schedule 'nightly': unknown field 'rpeo' (did you mean 'repo'?)"]
