@@ -30,6 +30,7 @@ WAITS = """
     name: waits
     project: Project
     launch_roles: [release-managers]
+    inputs: {ticket: int}
     steps:
       - id: approve
         participant: hold

@@ -76,10 +76,10 @@ def program(tmp_path: Path) -> Path:
     return path
 
 
-def definition(name: str, argv: list[Any], **params: Any) -> str:
-    """A one-step process running ``argv`` (JSON is YAML)."""
-    return json.dumps({"name": name, "steps": [{"id": "run", "participant": "command",
-                                                "params": {"argv": argv, **params}}]})
+def definition(name: str, argv: list[Any], inputs: Mapping[str, str] | None = None, **params: Any) -> str:
+    """A one-step process running ``argv`` (JSON is YAML), declaring ``inputs``."""
+    return json.dumps({"name": name, **({"inputs": dict(inputs)} if inputs else {}),
+                       "steps": [{"id": "run", "participant": "command", "params": {"argv": argv, **params}}]})
 
 
 class Cmd(Command):
@@ -156,7 +156,8 @@ async def apids_in(path: Path, count: int) -> list[int]:
 
 async def test_argv_runs_without_a_shell_and_the_fields_get_exit_code_and_output(build: Build, tmp_path: Path) -> None:
     code = "import sys; print(sys.argv[1:]); print('to stderr', file=sys.stderr)"
-    engine = await build({"c": definition("c", [PY, "-c", code, "{{ repo }}", "--", "{{ name }}"])})
+    engine = await build({"c": definition("c", [PY, "-c", code, "{{ repo }}", "--", "{{ name }}"],
+                                          inputs={"repo": "str", "name": "str"})})
     iid = await engine.launch("c", {"repo": "x; id > pwned", "name": "-dash"})
     status, fields, _ = await finish(engine, iid)
     assert status == "completed"
@@ -169,7 +170,7 @@ async def test_argv_runs_without_a_shell_and_the_fields_get_exit_code_and_output
 async def test_option_injection_through_a_field_is_refused_and_nothing_runs(build: Build, tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     code = f"open({str(marker)!r}, 'w').close()"
-    engine = await build({"c": definition("c", [PY, "-c", code, "{{ repo }}"])})
+    engine = await build({"c": definition("c", [PY, "-c", code, "{{ repo }}"], inputs={"repo": "str"})})
     for value in ("--delete", "-e sh", "a\nb"):
         iid = await engine.launch("c", {"repo": value})
         status, _, error = await finish(engine, iid)
@@ -179,14 +180,15 @@ async def test_option_injection_through_a_field_is_refused_and_nothing_runs(buil
 
 async def test_a_marked_option_takes_its_value_from_a_field(build: Build) -> None:
     code = "import sys; print(sys.argv[1:])"
-    engine = await build({"c": definition("c", [PY, "-c", code, {"option": "--level={{ n }}"}])})
+    engine = await build({"c": definition("c", [PY, "-c", code, {"option": "--level={{ n }}"}], inputs={"n": "int"})})
     iid = await engine.launch("c", {"n": 3})
     assert (await finish(engine, iid))[1]["stdout"] == "['--level=3']\n"
 
 
 async def test_a_non_zero_exit_fails_the_step_with_the_last_lines_and_output_keeps_its_tail(
         build: Build, program: Path, tmp_path: Path) -> None:
-    engine = await build({"c": definition("c", [PY, str(program), "noisy", str(tmp_path / "x"), "{{ code }}"])},
+    engine = await build({"c": definition("c", [PY, str(program), "noisy", str(tmp_path / "x"), "{{ code }}"],
+                                          inputs={"code": "int"})},
                          config=CommandConfig(max_output=256))
     iid = await engine.launch("c", {"code": 3})
     status, _, error = await finish(engine, iid)

@@ -133,6 +133,7 @@ def test_repeated_sigkill_at_random_moments(tmp_path: Path) -> None:
 
 HOLD = """
 name: approval
+inputs: {out: str}
 steps:
   - id: prepare
     participant: record

@@ -84,6 +84,7 @@ async def test_launch_fields_override_definition_defaults(engines) -> None:
 
 
 IF_ELSE = """
+    inputs: {n: int}
     steps:
       - if: "n > 2"
         then:
@@ -117,6 +118,7 @@ async def test_if_false_runs_else_branch(engines) -> None:
 async def test_if_false_without_else_goes_on(engines) -> None:
     rec = Recorder()
     engine = await engines({"cond": """
+        inputs: {n: int}
         steps:
           - if: "n > 2"
             then: [{id: big, participant: rec}]
@@ -365,6 +367,7 @@ async def test_wait_until_honours_the_engine_time_zone(engines) -> None:
 
 async def test_wait_until_a_templated_iso_time(engines) -> None:
     engine = await engines({"w": """
+        inputs: {when: str}
         steps:
           - {id: then, wait: {until: "{{ when }}"}}
         """})
@@ -529,6 +532,7 @@ async def test_terminate_ends_the_instance_and_cancels_pending_participants(engi
     pend = Recorder("pend", mode="pending")
     rec = Recorder()
     engine = await engines({"t": """
+        inputs: {who: str}
         steps:
           - concurrence:
               - {id: ask, participant: pend}
@@ -610,6 +614,7 @@ async def test_retry_after_a_failure_dispatches_again_and_completes(engines) -> 
 
 async def test_retry_sets_the_fields_that_were_the_fix(engines) -> None:
     engine = await engines({"r": """
+        inputs: {repo: str}
         steps:
           - concurrence:
               - {id: sync, participant: echo, params: {text: "rsync {{ repo }}"}}

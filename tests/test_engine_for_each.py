@@ -210,6 +210,7 @@ async def test_a_for_each_survives_a_restart_half_way(engines: EngineFactory) ->
 
 FAN = """
 name: fan
+inputs: {n: int, out: str}
 steps:
   - id: each
     for_each: "{{ range(n | int) | list }}"

@@ -390,7 +390,7 @@ async def test_start_survives_a_timer_due_beyond_any_date(engines) -> None:
 
 
 async def test_a_wait_until_too_far_away_fails_the_step(engines) -> None:
-    engine = await engines({"w": "steps:\n  - id: hold\n    wait: {until: '{{ when }}'}\n"})
+    engine = await engines({"w": "inputs: {when: str}\nsteps:\n  - id: hold\n    wait: {until: '{{ when }}'}\n"})
     iid = await engine.launch("w", {"when": "9999-12-31T23:00:00-12:00"})
     await engine.idle()
     summary = await engine.summary(iid)

@@ -21,6 +21,7 @@ from tests.engine_fixtures import (START, EngineFactory, Recorder, advance, clos
 
 HANDLED = """
     name: publish
+    inputs: {out: str}
     on_error: {subprocess: notify-failure}
     steps:
       - id: build

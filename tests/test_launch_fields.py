@@ -147,29 +147,41 @@ async def test_a_misspelt_launch_field_is_refused(engines: EngineFactory) -> Non
     assert await engine.instances(include_finished=True) == []
     [line] = await say(d, "launch publish-repo colour=red")
     assert line == "unknown field 'colour' (known: project, repo)"
-    # project= is always allowed, and a field the definition reads counts as known
+    # project= is always allowed, and a field the definition declares (a default in fields) is known
     got = await launched(d, engine, "launch publish-repo repo=tools project=Project:Devel:Tools")
     assert (got["repo"], got["project"]) == ("tools", "Project:Devel:Tools")
 
 
-async def test_fields_read_by_templates_or_by_a_subprocess_are_known(engines: EngineFactory) -> None:
+async def test_a_field_only_read_by_a_template_is_refused_and_one_a_subprocess_declares_is_known(
+        engines: EngineFactory) -> None:
+    from engine.errors import EngineError
     engine = await engines({"outer": """
+        inputs: {n: int}
         steps:
           - participant: echo
-            params: {text: "{{ out }}"}
+            params: {text: "{{ out | default('none') }}"}
           - if: "n > 0"
             then: [{subprocess: inner}]
         """, "inner": """
+        inputs: {deep: str}
         steps:
           - participant: echo
             params: {text: "{{ deep }}"}
         """})
-    iid = await engine.launch("outer", {"out": "x", "n": 1, "deep": "y"})
+    # reading a field in a template does not declare it: refused, with what is known
+    with pytest.raises(EngineError, match=r"^unknown field 'out' \(known: deep, n, project\)$"):
+        await engine.launch("outer", {"out": "x", "n": 1})
+    with pytest.raises(EngineError, match=r"^unknown field 'nn' \(did you mean 'n'\?\)$"):
+        await engine.launch("outer", {"nn": 1})
+    with pytest.raises(EngineError, match=r"^unknown field 'dep' \(did you mean 'deep'\?\)$"):
+        await engine.launch("outer", {"n": 1, "dep": "y"})
+    assert await engine.instances(include_finished=True) == []
+    # a field declared by a process it may start is known, and project always is
+    iid = await engine.launch("outer", {"n": 1, "deep": "y", "project": "Project:Devel"})
     await engine.idle()
     assert await status(engine, iid) == "completed"
-    from engine.errors import EngineError
-    with pytest.raises(EngineError, match=r"^unknown field 'nn' \(did you mean 'n'\?\)$"):
-        await engine.launch("outer", {"out": "x", "nn": 1})
+    got = await fields(engine, iid)
+    assert (got["n"], got["deep"], got["project"], got["echo"]) == (1, "y", "Project:Devel", "y")
 
 
 async def test_extra_fields_allow_opens_a_definition(engines: EngineFactory) -> None:

@@ -100,6 +100,7 @@ def test_a_forged_field_in_a_real_bots_log_stays_one_record(tmp_path: Path) -> N
     """A launch value with a newline, CR, ESC and BEL (YAML double-quoted escapes) on the real console."""
     bot = Bot(make_home(tmp_path, {"greet": """
         launch_roles: [admins]
+        inputs: {who: str}
         steps:
           - participant: echo
             params: {text: "{{ who }}"}

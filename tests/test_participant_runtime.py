@@ -92,6 +92,7 @@ class Probe(Participant):
 
 PROBE = """
 name: p
+inputs: {who: str, pending: bool}
 steps:
   - participant: probe
     params: {text: "{{ who }}", pending: "{{ pending | default(false) }}"}
@@ -316,8 +317,6 @@ async def test_a_migration_touching_another_table_stops_the_start(build: Build) 
         await build({}, [Trespasser()])
 
 
-@pytest.mark.xfail(strict=True, reason="the engine does not write Reply.ops yet: Instance.on_reply must add "
-                                       "reply.ops to tx.extra when it accepts the answer")
 async def test_reply_ops_are_written_in_the_commit_of_the_answer(build: Build) -> None:
     probe = Probe()
     engine = await build({"p": PROBE}, [probe])
