@@ -207,3 +207,51 @@ def test_refused_credentials_stop_the_bot_with_one_line(tmp_path: Path, prosody:
     assert "Traceback" not in run.stderr
     assert "wrong-password-1" not in run.stderr
 
+
+
+GREET = """
+    name: greet
+    launch_roles: [admins]
+    inputs: {who: str, n: int}
+    steps:
+      - participant: echo
+        params: {text: "hello {{ who }}"}
+"""
+FORGED = "2026-12-06 15:00:00,000 CRITICAL bot.access: FORGED admin granted to mallory"
+
+
+@pytest.mark.servers
+async def test_hostile_input_on_real_networks_gets_a_reply_and_forges_no_log_record(
+        tmp_path: Path, accounts: InspircdAnope, prosody: Prosody, irc_humans: Any, xmpp_human: Any) -> None:
+    """The chat-faults review's inputs, sent as a person would: a superscript digit as an id and a
+    5,000-digit value (once 'internal error' and a traceback), and field values carrying ESC and
+    BEL (IRC lines may hold them) or a newline and CR (an XMPP body may), which once wrote a
+    forged CRITICAL record into the log."""
+    home = make_home(tmp_path, {"greet": GREET}, bot_extra=networks(accounts, prosody), users=USERS)
+    bot = Bot(home).start(env=ENV)
+    try:
+        carol = await irc_humans("carol_on_irc", sasl=CAROL)
+        await until_the_bot_answers(carol)
+        for command in ("!show ²", "!history ²", "!cancel ²"):
+            [answer] = await ask_irc(carol, command)
+            assert answer.startswith("bad instance id"), answer
+        [launched] = await ask_irc(carol, "!launch greet 'who=x\x1b[2J\x07'")
+        assert launched == "launched greet as #1"
+
+        alice = await xmpp_human("alice")
+        bot_jid = prosody.jid("bot")
+        huge = await alice.ask(bot_jid, "launch greet n=" + "9" * 5000, timeout=10)
+        assert huge.startswith("n: ") and "is too large a number" in huge, huge[:120]
+        assert await alice.ask(bot_jid, f"launch greet 'who=x\n{FORGED}\r'") == "launched greet as #2"
+        assert (await alice.ask(bot_jid, "show ²")).startswith("bad instance id")
+        [line] = bot.ask("history 2")[2:3]
+        assert "FORGED" in line
+    finally:
+        assert bot.stop() == 0
+    log = (home / "var" / "bot.log").read_text(encoding="utf-8")
+    assert "internal error" not in log and "Traceback" not in log
+    assert "FORGED admin granted" in log                          # it was logged, as one escaped record
+    for raw in ("\x1b", "\x07", "\r"):
+        assert raw not in log, f"raw {raw!r} reached the log"
+    assert not [line for line in log.splitlines() if line.startswith(FORGED[:23])], "a forged record"
+    assert not [line for line in bot.stderr if line.startswith(FORGED[:23])]
