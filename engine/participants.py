@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, ClassVar, Mapping, Protocol, Sequence
 
 from engine.configkit import Section
+from engine.errors import ReleasebotError
 
 if TYPE_CHECKING:
     from engine.participant_runtime import Storage
@@ -176,7 +177,7 @@ class Participant:
         """The step was cancelled (instance cancelled, timeout, branch lost a race)."""
 
 
-class DiscoveryError(Exception):
+class DiscoveryError(ReleasebotError):
     """A participant could not be found or loaded (one line, naming it)."""
 
 

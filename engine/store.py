@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
+from engine.errors import ReleasebotError
 from engine.events import Event
 from engine.participants import Workitem
 from engine.timerops import ArmTimer, DropStepTimers, DropTimer, TimerKey, TimerOp
@@ -193,7 +194,7 @@ class HistoryRow:
     detail: str
 
 
-class StoreError(Exception):
+class StoreError(ReleasebotError):
     """The database cannot be used (open refused) or a transition was not written.
     The message is one line, naming the database and the problem."""
 

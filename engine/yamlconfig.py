@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from engine.errors import ReleasebotError
+
 
 @dataclass(frozen=True, order=True)
 class Problem:
@@ -22,7 +24,7 @@ class Problem:
         return f"{self.file}:{self.line}: {self.message}"
 
 
-class ConfigError(Exception):
+class ConfigError(ReleasebotError):
     """One or more problems in configuration or definitions."""
 
     def __init__(self, problems: list[Problem]) -> None:
