@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import re
-import sqlite3
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
@@ -25,7 +24,7 @@ from engine.configkit import Findings, Section
 from engine.definitions import ProcessSpec
 from engine.errors import EngineError
 from engine.participants import DirectoryUser, Participant, Services, UserDirectory, Workitem
-from engine.store import Op, Store
+from engine.store import Op, Store, split_statements
 
 if TYPE_CHECKING:
     from engine.engine import Engine
@@ -116,21 +115,6 @@ def check_migrations(owner: str, migrations: Sequence[str]) -> None:
                 if not name.startswith(storage_prefix):
                     raise EngineError(f"participant {owner}: migration {number} touches {name!r}; a participant's "
                                       f"tables are named {storage_prefix}...")
-
-
-def split_statements(script: str) -> list[str]:
-    """An SQL script's statements (as the store splits a migration)."""
-    out: list[str] = []
-    pending = ""
-    for piece in script.split(";"):
-        pending += piece + ";"
-        if sqlite3.complete_statement(pending):
-            if pending.strip(" \t\r\n;"):
-                out.append(pending.strip())
-            pending = ""
-    if pending.strip(" \t\r\n;"):
-        out.append(pending.strip())
-    return out
 
 
 class NoUsers:

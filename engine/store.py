@@ -486,7 +486,7 @@ class Store:
                              f"this bot's ({len(migrations)}); upgrade the bot")
         ops: list[Op] = []
         for number in range(current, len(migrations)):
-            ops += [(sql, (), False) for sql in _statements(migrations[number])]
+            ops += [(sql, (), False) for sql in split_statements(migrations[number])]
             ops.append(("INSERT INTO participant_migrations (owner, version) VALUES (?, ?) "
                         "ON CONFLICT(owner) DO UPDATE SET version = excluded.version", (owner, number + 1), False))
         if ops:
@@ -708,7 +708,7 @@ _HISTORY_SQL = ("INSERT INTO history (instance_id, at, path, step, event, actor,
                 "VALUES (?,?,?,?,?,?,?)")
 
 
-def _statements(script: str) -> list[str]:
+def split_statements(script: str) -> list[str]:
     """An SQL script's statements, one by one (the writer runs one per op)."""
     out: list[str] = []
     pending = ""
