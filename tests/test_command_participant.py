@@ -14,19 +14,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from typing import Any, Awaitable, Callable, Iterable, Mapping
 
 import pytest
 
 from engine.engine import Engine
 from engine.participant_runtime import ParticipantEnv
 from engine.participants import Participant, ParticipantRegistry, Services, Workitem
-from engine.store import Store
-from engine.timers import ManualClock
 from participants.builtin import Echo
 from participants.command import TAG_VARIABLE, Command, CommandConfig, boot_id
 from tests.botproc import Bot, make_home
-from tests.engine_fixtures import START, close_engine, spec_from_yaml
+from tests.engine_fixtures import EngineFactory, START, close_engine
 
 PY = sys.executable
 Build = Callable[..., Awaitable[Engine]]
@@ -93,27 +91,16 @@ class Cmd(Command):
 
 
 @pytest.fixture
-async def build(tmp_path: Path) -> AsyncIterator[Build]:
-    """Started engines whose command participant has ``config`` (the
-    ``engines`` fixture has no place for a ParticipantEnv yet)."""
-    built: list[Engine] = []
+def build(engines: EngineFactory) -> Build:
+    """Started engines (from the ``engines`` factory) whose command participant has ``config``."""
 
     async def factory(definitions: Mapping[str, str], *, config: CommandConfig | None = None,
                       participants: Iterable[Participant] = (), db: str = "c.sqlite3") -> Engine:
         registry = ParticipantRegistry([Echo(), *participants] if participants else [Echo(), Cmd()])
-        specs = {stem: spec_from_yaml(stem, text, registry.names()) for stem, text in definitions.items()}
-        store = Store(tmp_path / db)
-        store.open()
         env = ParticipantEnv(config={"command": config or CommandConfig()})
-        engine = Engine(store, specs, registry, clock=ManualClock(), use_scheduler=False, participant_env=env)
-        built.append(engine)
-        await engine.start()
-        return engine
+        return await engines(definitions, registry=registry, db_name=db, participant_env=env)
 
-    yield factory
-    for engine in built:
-        if engine.store._writer is not None:
-            await close_engine(engine)
+    return factory
 
 
 async def finish(engine: Engine, iid: int) -> tuple[str, dict[str, Any], str]:

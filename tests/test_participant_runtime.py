@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from typing import Any, Awaitable, Callable, Iterable, Mapping
 
 import pytest
 
@@ -21,40 +21,27 @@ from engine.errors import EngineError
 from engine.participant_runtime import ParticipantEnv
 from engine.participants import (DiscoveryError, Participant, ParticipantRegistry, Reply, Services,
                                  UserDirectory, Workitem)
-from engine.store import Store
-from engine.timers import ManualClock
 from engine.yamlconfig import ConfigError
 from participants import ENTRY_POINT_GROUP, discover
 from participants.builtin import Echo
 from participants.command import CommandConfig
 from tests.botproc import make_home
-from tests.engine_fixtures import close_engine, spec_from_yaml
+from tests.engine_fixtures import EngineFactory, close_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 Build = Callable[..., Awaitable[Engine]]
 
 
 @pytest.fixture
-async def build(tmp_path: Path) -> AsyncIterator[Build]:
-    """Started engines with a ParticipantEnv (the ``engines`` fixture has no
-    place for one yet); each is stopped and its store closed afterwards."""
-    built: list[Engine] = []
+def build(engines: EngineFactory) -> Build:
+    """Started engines (from the ``engines`` factory) with a ParticipantEnv."""
 
     async def factory(definitions: Mapping[str, str], participants: Iterable[Participant], *,
                       env: ParticipantEnv | None = None, db: str = "p.sqlite3") -> Engine:
-        registry = ParticipantRegistry([Echo(), *participants])
-        specs = {stem: spec_from_yaml(stem, text, registry.names()) for stem, text in definitions.items()}
-        store = Store(tmp_path / db)
-        store.open()
-        engine = Engine(store, specs, registry, clock=ManualClock(), use_scheduler=False, participant_env=env)
-        built.append(engine)
-        await engine.start()
-        return engine
+        return await engines(definitions, registry=ParticipantRegistry([Echo(), *participants]), db_name=db,
+                             participant_env=env)
 
-    yield factory
-    for engine in built:
-        if engine.store._writer is not None:
-            await close_engine(engine)
+    return factory
 
 
 class Probe(Participant):
