@@ -677,8 +677,13 @@ class _Parser:
         if not isinstance(collect, str) or not _FIELD.match(collect):
             self.problem(node.line_of("collect"), f"collect: expected a field name, got {collect!r}")
             collect = "results"
-        if "do" in node:
-            body = self.sequence(node["do"], node.line_of("do"), f"{path}.do", (path, -1))
+        do = node.get("do")
+        if isinstance(do, list) and len(do) == 1 and not isinstance(do[0], list):
+            # one step: it is the body itself, with no sequence around it (less state per item)
+            body = self.step(do[0], getattr(do, "item_lines", [node.line_of("do")])[0], f"{path}.do", path,
+                             (path, -1))
+        elif "do" in node:
+            body = self.sequence(do, node.line_of("do"), f"{path}.do", (path, -1))
         else:
             self.problem(node.line, "for_each: missing 'do' (the steps to run for each item)")
             body = self._register(StepSpec("sequence", f"{path}.do", node.line, scope=(path, -1)))

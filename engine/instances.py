@@ -665,7 +665,7 @@ class Instance:
         why = f"{parent.name} has what it waits for"
         prefix = path + "."
         for p, run in list(self.runs.items()):
-            if p.startswith(prefix) and run.state is not RunState.ACTIVE:
+            if (p == path or p.startswith(prefix)) and run.state is not RunState.ACTIVE:
                 self._history(self.spec.step(p), "cancelled", detail=why)
         self._cancel_below(path, drop=True, cut=_Cut("", why))
 

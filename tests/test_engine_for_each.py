@@ -267,4 +267,4 @@ async def test_concurrences_and_guards_inside_bodies_and_a_for_each_inside_a_bra
                              {"rpm": "ppc64le.rpm"}]
     assert (got["other"], got["rpm"], got["log"]) == (1, "ppc64le.rpm", "aarch64.log")
     assert [(e.step, e.detail) for e in await events(engine, iid, "skipped")] == [
-        ("set@0.0.0.2.0.1.0", "if: arch != 'ppc64le'")]
+        ("set@0.0.0.2.1.0", "if: arch != 'ppc64le'")]     # a one-step body is that step: no sequence
