@@ -33,6 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(HERE))
 
+from bot.app import tune_gc  # noqa: E402
 from engine.definitions import parse_definition  # noqa: E402
 from engine.engine import Engine  # noqa: E402
 from engine.participants import Participant, ParticipantRegistry, Reply, Workitem  # noqa: E402
@@ -241,6 +242,7 @@ async def lateness_run(n: int, workdir: Path) -> float:
 
 
 def main() -> None:
+    tune_gc()        # the collector settings of the bot process (bot/app.py), which this measures
     runs = int(os.environ.get("BENCH_RUNS", "3"))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
