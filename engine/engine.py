@@ -192,14 +192,20 @@ class Engine:
         """Start an instance of ``process``.  ``fields`` must be fields the
         definition knows (``definitions.known_fields``; any, with
         ``extra_fields: allow``); text is converted to the type its ``inputs``
-        declare.  With ``token``, at most one launch per token within
-        ``TOKEN_KEEP``: a repeat raises AlreadyLaunched naming the instance."""
+        declare.  With ``token``, at most one launch of this process into this
+        project per token within ``TOKEN_KEEP``: a repeat raises AlreadyLaunched
+        naming the instance (the same token for another process or project is
+        another token)."""
         spec = self.specs.get(process)
         if spec is None:
             raise UnknownProcess(f"unknown process {process!r}")
         if token is not None and not _TOKEN.fullmatch(token):
             raise EngineError("a launch token is 1 to 200 characters, without spaces or control characters")
         values = self._checked(spec, fields) if fields else {}
+        if token is not None:
+            # a token belongs to the process and project it launches: a launch elsewhere can
+            # neither learn that it was used (nor the instance's id) nor use it up
+            token = f"launch {process} {values.get('project', spec.project) or '-'} {token}"
         iid = await self._launch(process, values, actor, token=token)
         log.info("#%d %s launched by %s", iid, process, actor or "engine")
         return iid
@@ -796,7 +802,7 @@ class Engine:
 def _parse_key(key: str) -> tuple[int, str]:
     head, _, rest = key.partition(":")
     path, sep, generation = rest.rpartition(":")
-    if not head.isdigit() or not sep or not generation.isdigit():
+    if not (head.isascii() and head.isdigit()) or not sep or not (generation.isascii() and generation.isdigit()):
         raise NoSuchWorkitem(f"bad workitem key {key!r}")
     return int(head), path
 

@@ -244,7 +244,7 @@ async def test_a_token_is_kept_across_a_restart_and_for_a_week(engines: EngineFa
     again = await engine.launch("p", token="nightly-2027-01-15")
     assert again != first
     rows = await engine.store.read(lambda c: c.execute("SELECT token, instance_id FROM launch_tokens").fetchall())
-    assert rows == [("nightly-2027-01-15", again)]
+    assert rows == [("launch p - nightly-2027-01-15", again)]     # stored per process and project
 
 
 @pytest.mark.parametrize("token", ["", " ", "a b", "x" * 201, "tab\there"])

@@ -242,3 +242,19 @@ async def test_a_launch_with_a_token_happens_once(engines: EngineFactory) -> Non
     assert len(await engine.instances(include_finished=True)) == 2
     [line] = await say(d, "launch --once")
     assert line.startswith("--once needs a token and a process")
+
+
+async def test_a_token_belongs_to_one_process_and_project(engines: EngineFactory) -> None:
+    """Another project's launch can neither learn that a token was used (and the instance's id)
+    nor use it up for its owner."""
+    d, engine = await dispatcher(engines, **{"publish-repo": PUBLISH, "other": """
+        project: Other
+        launch_roles: [admins]
+        steps:
+          - participant: echo
+        """})
+    assert await say(d, "launch --once rel-1.2 other") == ["launched other as #1"]
+    assert await say(d, "launch --once rel-1.2 publish-repo repo=devel") == ["launched publish-repo as #2"]
+    assert await say(d, "launch --once rel-1.2 publish-repo repo=devel") == ["already launched as #2"]
+    assert await say(d, "launch --once rel-1.2 publish-repo repo=devel project=Project:Devel:Tools") == [
+        "launched publish-repo as #3"]
