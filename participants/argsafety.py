@@ -34,6 +34,7 @@ be an option, ``text(value)`` for anything else.
 """
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, Sequence
 
@@ -82,6 +83,38 @@ def literal_prefix(template: str) -> str:
     """The text of a template before its first ``{{`` or ``{%``."""
     cut = [i for i in (template.find("{{"), template.find("{%")) if i >= 0]
     return template[:min(cut)] if cut else template
+
+
+def path_problem(source: Any, what: str = "path") -> str | None:
+    """What is wrong with a path as written in a definition: it must be absolute, and a
+    template must start with a literal absolute directory (``/srv/repos/{{ repo }}``), the
+    one that ``confined_path`` keeps the rendered path in."""
+    if not isinstance(source, str):
+        return f"{what}: expected a path, got {_show(source)}"
+    literal = literal_prefix(source) if is_template(source) else source
+    if not os.path.isabs(literal):
+        return (f"{what}: expected an absolute path" + (" whose literal start names a directory "
+                "(like /srv/repos/{{ repo }})" if is_template(source) else "") + f", got {source!r}")
+    return None
+
+
+def confined_path(rendered: Any, source: Any, what: str = "path") -> str:
+    """A path param, rendered: absolute, and when the definition made it from a template, inside
+    the directory its literal start names, with no ``..`` (a field gives a name inside that
+    directory, never another place).  Raises UnsafeArgument."""
+    path = text(rendered, what)
+    problem = path_problem(source, what)
+    if problem:
+        raise UnsafeArgument(problem)
+    if not os.path.isabs(path):
+        raise UnsafeArgument(f"{what}: expected an absolute path, got {_show(path)}")
+    if is_template(source):
+        if ".." in path.split("/"):
+            raise UnsafeArgument(f"{what}: {_show(path)} may not contain '..'")
+        base = os.path.realpath(os.path.dirname(literal_prefix(str(source))) or "/")
+        if os.path.commonpath([base, os.path.realpath(path)]) != base:
+            raise UnsafeArgument(f"{what}: {_show(path)} is outside {base}")
+    return path
 
 
 def argv_problems(source: Any, allow: Sequence[str] | None = None) -> list[str]:

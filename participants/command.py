@@ -62,7 +62,8 @@ from engine.durations import format_duration, parse_duration
 from engine.participant_runtime import Storage
 from engine.participants import Participant, Reply, Services, Workitem
 from engine.store import Op
-from participants.argsafety import UnsafeArgument, argv_problems, build_argv, is_template, text
+from participants.argsafety import (UnsafeArgument, argv_problems, build_argv, confined_path, is_template, path_problem,
+                                   text)
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +182,8 @@ class Command(Participant):
             except ValueError as exc:
                 problems.append(f"timeout: {exc}")
         cwd = params.get("cwd")
-        if cwd is not None and not is_template(cwd) and not (isinstance(cwd, str) and os.path.isabs(cwd)):
-            problems.append(f"cwd: expected an absolute path, got {cwd!r}")
+        if cwd is not None and path_problem(cwd, "cwd"):
+            problems.append(str(path_problem(cwd, "cwd")))
         env = params.get("env")
         if env is not None:
             if not isinstance(env, dict):
@@ -292,9 +293,7 @@ class Command(Participant):
             raise ValueError("timeout: must be more than 0")
         cwd = params.get("cwd")
         if cwd is not None:
-            cwd = text(cwd, "cwd")
-            if not os.path.isabs(cwd):
-                raise ValueError(f"cwd: expected an absolute path, got {cwd!r}")
+            cwd = confined_path(cwd, source.get("cwd"), "cwd")
         env = {name: os.environ[name] for name in cfg.pass_env if name in os.environ}
         env.update(cfg.env)
         step_env = params.get("env") or {}

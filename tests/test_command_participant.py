@@ -206,6 +206,31 @@ async def test_a_missing_program_or_cwd_fails_without_running(build: Build, tmp_
     assert status == "failed" and error.startswith("run: not run: No such file or directory")
 
 
+async def test_a_templated_cwd_stays_inside_its_literal_directory(build: Build, tmp_path: Path) -> None:
+    """A field names a directory inside the one the definition names, never another place
+    (found in review: cwd: "/srv/repos/{{ repo }}" with repo=../../tmp/x ran in /tmp/x)."""
+    repos = tmp_path / "repos"
+    (repos / "devel").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (repos / "sneaky").symlink_to(tmp_path / "elsewhere")
+    engine = await build({"c": definition("c", [PY, "-c", "import os; print(os.getcwd())"], {"repo": "str"},
+                                          cwd=f"{repos}/{{{{ repo }}}}")})
+    status, fields, _ = await finish(engine, await engine.launch("c", {"repo": "devel"}))
+    assert status == "completed" and fields["stdout"].strip() == str(repos / "devel")
+    for hostile, why in (("../elsewhere", "may not contain '..'"), ("devel/../../elsewhere", "may not contain '..'"),
+                         ("sneaky", f"is outside {repos}")):
+        status, _, error = await finish(engine, await engine.launch("c", {"repo": hostile}))
+        assert status == "failed" and why in error, (hostile, error)
+
+
+def test_a_templated_cwd_must_start_with_a_literal_absolute_directory() -> None:
+    from participants.argsafety import path_problem
+    assert path_problem("/srv/repos/{{ repo }}", "cwd") is None
+    assert path_problem("/srv/repos", "cwd") is None
+    assert "literal start names a directory" in str(path_problem("{{ base }}/x", "cwd"))
+    assert "expected an absolute path" in str(path_problem("repos/x", "cwd"))
+
+
 # -- the process group --------------------------------------------------------------------
 
 async def test_a_timeout_kills_the_program_and_its_children(build: Build, program: Path, tmp_path: Path) -> None:
