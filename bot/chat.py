@@ -5,6 +5,7 @@ types; nothing outside an adapter sees an ``irc`` or ``slixmpp`` object.
 """
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Protocol
 
@@ -14,6 +15,18 @@ from engine.errors import ReleasebotError
 class TransportError(ReleasebotError):
     """A front-end failed (connection lost, auth refused, ...); the protocol
     library's own exception is chained as ``__cause__``."""
+
+
+class NotDelivered(TransportError):
+    """A message was not delivered this time, and may be later: the network is
+    down, the person is not online (no handle verified as theirs right now), the
+    server answered "try later" (SMTP 4xx).  The outbox tries again."""
+
+
+class Undeliverable(TransportError):
+    """A message can never reach its target as addressed: an unknown channel, a
+    refused address (SMTP 5xx, with the server's text), a person with no
+    identity on that network.  The outbox marks it failed with this reason."""
 
 
 # How an identity was established, strongest first.  ``whoami`` shows these.
@@ -73,7 +86,41 @@ class Message:
     room: Room | None = None      # None: a private/direct message
 
 
-Target = Room | Identity
+@dataclass(frozen=True)
+class Person:
+    """A configured user (or, for mail, a plain address) as the target of a
+    message the bot starts itself (the outbox), on one network.
+
+    The adapter delivers only to a handle the server vouches for *now*: on
+    IRC a nick logged into one of ``accounts`` (or matching one of
+    ``hostmasks``, where users.yaml allows it); on XMPP one of the bare JIDs
+    in ``accounts``; by mail the addresses in ``accounts``.  When no handle
+    is verified as theirs, ``send`` fails with NotDelivered (offline): an
+    impostor holding the nick never receives it."""
+
+    protocol: str
+    network: str
+    user: str                          # the users.yaml name ("" for a plain mail address)
+    accounts: tuple[str, ...] = ()     # IRC services accounts / XMPP bare JIDs / mail addresses
+    hostmasks: tuple[str, ...] = ()    # IRC nick!user@host patterns, where explicitly allowed
+
+    def __str__(self) -> str:
+        return f"{self.user or ','.join(self.accounts)}@{self.network}"
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message with more than text: what mail needs (chat adapters use ``text``)."""
+
+    text: str                          # the chat line(s); the mail body
+    subject: str = ""
+    message_id: str = ""               # stable across retries: receivers drop repeats by it
+    in_reply_to: str = ""
+    references: tuple[str, ...] = ()
+    reply_to: str = ""                 # a single-use reply address (email front-end)
+
+
+Target = Room | Identity | Person
 MessageHandler = Callable[[Message], Awaitable[None]]
 
 
@@ -89,8 +136,19 @@ class Transport(Protocol):
     async def start(self, on_message: MessageHandler) -> None:
         """Connect (and keep reconnecting) in the background; returns once started."""
 
-    async def send(self, target: Target, text: str) -> None:
-        """Queue one line for delivery; paced, delivered once, survives reconnects."""
+    @property
+    def ready(self) -> bool:
+        """Connected and able to send now (the outbox waits while this is False)."""
+
+    async def send(self, target: Target, text: str | Outgoing) -> asyncio.Future[None]:
+        """Queue a message for delivery (paced; lines unconfirmed when a connection
+        dies are sent again after reconnecting) and return its receipt: a future
+        that resolves once the server confirmed the whole message (IRC: its echo,
+        or the answer to a PING written after it; XMPP: the XEP-0198 ack; mail:
+        the 250 after DATA), or fails with NotDelivered (try again later) or
+        Undeliverable (never).  Callers that do not care need not await it; an
+        adapter must not log a failed receipt nobody awaited as an error.
+        ``close`` fails the receipts still open with NotDelivered."""
 
     async def close(self) -> None:
         """Flush what can be flushed and disconnect."""
