@@ -68,6 +68,13 @@ _TOKEN = re.compile(r"[^\s\x00-\x1f\x7f]{1,200}")
 R = TypeVar("R")
 # What a transition does to one instance (None: no such instance, or a launch that makes one).
 Action = Callable[[Instance | None, Transition], R]
+Watcher = Callable[[Sequence[Event]], Sequence[Op]]
+"""Sees every transition's history events, inside the transition; what it
+returns is written in the same commit (``Engine.watch``)."""
+Ack = Callable[[Any], Sequence[Op]]
+"""Given an operation's result (launch: the instance id; cancel: None; retry:
+what started again), the rows that record its answer, written in the
+operation's own commit (a durable acknowledgement)."""
 
 
 class _TryAgain(Exception):
@@ -138,6 +145,7 @@ class Engine:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.started = False
         self.participant_env = participant_env or ParticipantEnv()   # config, users: for participants' setup
+        self._watchers: list[Watcher] = []
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -188,14 +196,14 @@ class Engine:
     # -- the public operations ---------------------------------------------------
 
     async def launch(self, process: str, fields: Mapping[str, Any] | None = None, *, actor: str = "",
-                     token: str | None = None) -> int:
+                     token: str | None = None, ack: Ack | None = None) -> int:
         """Start an instance of ``process``.  ``fields`` must be fields the
         definition knows (``definitions.known_fields``; any, with
         ``extra_fields: allow``); text is converted to the type its ``inputs``
         declare.  With ``token``, at most one launch of this process into this
         project per token within ``TOKEN_KEEP``: a repeat raises AlreadyLaunched
         naming the instance (the same token for another process or project is
-        another token)."""
+        another token).  ``ack(instance_id)``: rows written in the launch's commit."""
         spec = self.specs.get(process)
         if spec is None:
             raise UnknownProcess(f"unknown process {process!r}")
@@ -206,7 +214,7 @@ class Engine:
             # a token belongs to the process and project it launches: a launch elsewhere can
             # neither learn that it was used (nor the instance's id) nor use it up
             token = f"launch {process} {values.get('project', spec.project) or '-'} {token}"
-        iid = await self._launch(process, values, actor, token=token)
+        iid = await self._launch(process, values, actor, token=token, ack=ack)
         log.info("#%d %s launched by %s", iid, process, actor or "engine")
         return iid
 
@@ -222,7 +230,7 @@ class Engine:
             raise BadFields(str(exc)) from None
 
     async def _launch(self, process: str, fields: Mapping[str, Any], actor: str, extra: Sequence[Op] = (),
-                      token: str | None = None) -> int:
+                      token: str | None = None, ack: Ack | None = None) -> int:
         """Start an instance of ``process``; ``extra`` is written in the same commit,
         and so is ``token`` (see ``launch``)."""
         spec = self.specs.get(process)
@@ -247,6 +255,8 @@ class Engine:
                 self._hold_token(token, claim, inst.id, tx.now)
                 tx.extra.extend(self.store.launch_token_ops(token, inst.id, tx.now, tx.now - TOKEN_KEEP))
             inst.start(tx, actor)
+            if ack is not None:
+                tx.extra.extend(ack(inst.id))
             return inst.id
         try:
             [iid] = await self._transact([(None, start)], extra)
@@ -283,13 +293,19 @@ class Engine:
         if not accepted[0]:
             raise NoSuchWorkitem(f"step {key} is not open any more (answered, cancelled or unknown)")
 
-    async def cancel(self, instance_id: int, *, actor: str = "") -> None:
+    async def cancel(self, instance_id: int, *, actor: str = "", ack: Ack | None = None) -> None:
+        """``ack(None)``: rows written in the cancellation's commit."""
         await self._require(instance_id)
-        await self._transact([(instance_id, lambda i, tx: _must(i, instance_id).cancel(tx, actor))])
+
+        def cancel(i: Instance | None, tx: Transition) -> None:
+            _must(i, instance_id).cancel(tx, actor)
+            if ack is not None:
+                tx.extra.extend(ack(None))
+        await self._transact([(instance_id, cancel)])
         log.info("#%d cancelled by %s", instance_id, actor or "engine")
 
     async def retry(self, instance_id: int, *, actor: str = "", fields: Mapping[str, Any] | None = None,
-                    handler: bool = False) -> list[str]:
+                    handler: bool = False, ack: Ack | None = None) -> list[str]:
         """Start an instance's failed steps again, after setting ``fields`` (the
         fix, if it is data; checked and converted as for a launch).  A step
         whose error handler failed resumes where its work stopped; with
@@ -301,6 +317,29 @@ class Engine:
             tx, actor, values, handler))])
         log.info("#%d retried by %s: %s", instance_id, actor or "engine", ", ".join(names))
         return names
+
+    def watch(self, watcher: Watcher) -> None:
+        """Call ``watcher`` inside every transition with its history events
+        (each carrying its instance's project); the ops it returns are written
+        in the transition's commit, so they are durable exactly when the
+        transition is (the outbox's routes, a lock released when its instance
+        ends).  It runs while the transition is applied: fast, no I/O.  One
+        that raises is logged and its rows for that transition are lost,
+        rather than stopping every transition."""
+        self._watchers.append(watcher)
+
+    async def open_keys(self, participant: str) -> frozenset[str]:
+        """Dispatch keys of ``participant``'s open workitems (dispatched, pending or being cancelled)."""
+        rows = await self.store.workitems()
+        return frozenset(r.key for r in rows if r.participant == participant)
+
+    async def launched_by(self, instance_id: int) -> str | None:
+        """The actor recorded when the instance was launched ("alice via irc:libera",
+        "schedule nightly"), or None."""
+        for row in await self.store.history(instance_id):
+            if row.event == "launched":
+                return row.actor or None
+        return None
 
     async def pending(self, participant: str | None = None) -> list[Workitem]:
         """Workitems a participant holds (for approvals: what is waiting for answers)."""
@@ -682,6 +721,12 @@ class Engine:
             ops.append(store.workitem_delete_op(tx.closed))
         ops += store.timer_ops(tx.timer_ops)
         ops += tx.extra
+        if self._watchers and tx.history:
+            for watcher in self._watchers:
+                try:
+                    ops += watcher(tx.history)
+                except Exception:
+                    log.exception("a transition watcher failed; its rows for this transition are not written")
         return ops
 
     def _announce(self, tx: Transition) -> None:

@@ -25,6 +25,7 @@ class Event:
                         # timer <name>, completed, terminated, cancelled, retried, ...
     actor: str = ""
     detail: str = ""
+    project: str | None = None      # the instance's project (routing); not stored in the history row
 
 
 Subscriber = Callable[[Event], Awaitable[None]]

@@ -362,7 +362,8 @@ class Instance:
     def _history(self, step: StepSpec | None, event: str, actor: str = "", detail: str = "") -> None:
         assert self.tx is not None
         self.tx.history.append(Event(self.id, self.spec.name, self.tx.now, step.path if step else "",
-                                            step.name if step and step.path else "", event, actor, detail))
+                                            step.name if step and step.path else "", event, actor, detail,
+                                            self.project))
 
     def _scope(self, step: StepSpec) -> dict[str, Any]:
         if step.scope is None:

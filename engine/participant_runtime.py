@@ -136,7 +136,7 @@ class ParticipantEnv:
     of bot.yaml (``bot.config.BotConfig.participant_config``).  A participant
     missing here is checked against an empty section at start."""
     users: UserDirectory = field(default_factory=NoUsers)
-    outbox: Any = None                  # reserved: the durable outbox, when it exists
+    outbox: Any = None                  # the durable outbox (notifiers.outbox.Outbox), if the app has one
 
 
 class StepSources:
@@ -175,4 +175,5 @@ async def participant_services(engine: Engine, participant: Participant, env: Pa
     config = env.config[participant.name] if participant.name in env.config else default_config(participant)
     return Services(config=config, clock=engine.clock, users=env.users, reply=engine.reply,
                     storage=Storage(engine.store, participant.name), step_params=StepSources(engine),
-                    outbox=env.outbox)
+                    outbox=env.outbox, watch=engine.watch,
+                    open_keys=lambda: engine.open_keys(participant.name), launched_by=engine.launched_by)

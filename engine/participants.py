@@ -30,6 +30,7 @@ from engine.configkit import Section
 from engine.errors import ReleasebotError
 
 if TYPE_CHECKING:
+    from engine.events import Event
     from engine.participant_runtime import Storage
     from engine.store import Op
 
@@ -110,6 +111,7 @@ class ReplyFn(Protocol):
 
 
 StepParams = Callable[[Workitem], Awaitable[Mapping[str, Any]]]
+Watch = Callable[[Callable[[Sequence["Event"]], Sequence["Op"]]], None]
 
 
 @dataclass(frozen=True)
@@ -126,8 +128,24 @@ class Services:
     instance runs, before rendering: to tell what the definition says from
     what came from fields (``participants/argsafety.py``)."""
     outbox: Any = None
-    """Reserved for the durable outbox (messages written in the commit of the
-    transition that causes them); None until it exists."""
+    """The durable outbox (``notifiers.outbox.Outbox``): ``outbox.rows(...)``
+    makes the ops that queue messages, to return in ``Reply.done(ops=...)`` or
+    from a watcher, so they are written in the commit of what causes them.
+    None in an engine built without one (tests, benchmarks)."""
+    watch: Watch | None = None
+    """``watch(hook)``: ``hook(events) -> ops`` runs inside every engine
+    transition with its history events (``engine.events.Event``, each with
+    its instance's project); the ops it returns (``storage.op``) are written
+    in that transition's commit.  Fast and pure: no I/O, no await (keep an
+    in-memory view loaded at setup).  E.g. a lock released, durably, exactly
+    when its instance ends (events "completed", "failed", "cancelled",
+    "terminated")."""
+    open_keys: Callable[[], Awaitable[frozenset[str]]] | None = None
+    """The dispatch keys of this participant's open workitems (dispatched,
+    pending or being cancelled): what may still own leftovers on disk."""
+    launched_by: Callable[[int], Awaitable[str | None]] | None = None
+    """The actor recorded when an instance was launched: "<user> via
+    <protocol>:<network>" for a command, "schedule <name>" for a schedule."""
 
 
 class Participant:
