@@ -68,5 +68,10 @@ def discover(entry_points: Iterable[importlib.metadata.EntryPoint] | None = None
 
 
 def _participants_in(module: ModuleType) -> list[type[Participant]]:
+    """The participants a module defines; for a package (``participants/repo/``),
+    those its ``__init__`` imports from its own modules."""
+    own = module.__name__
+    inside = own + "." if hasattr(module, "__path__") else None
     return [cls for _name, cls in inspect.getmembers(module, inspect.isclass)
-            if issubclass(cls, Participant) and cls.__module__ == module.__name__ and cls.name]
+            if issubclass(cls, Participant) and cls.name
+            and (cls.__module__ == own or (inside is not None and cls.__module__.startswith(inside)))]
