@@ -103,6 +103,8 @@ class Person:
     user: str                          # the users.yaml name ("" for a plain mail address)
     accounts: tuple[str, ...] = ()     # IRC services accounts / XMPP bare JIDs / mail addresses
     hostmasks: tuple[str, ...] = ()    # IRC nick!user@host patterns, where explicitly allowed
+    handle: str = ""                   # where they were last seen (the nick that sent a command): a hint
+                                       # to look first, verified like any other before anything is sent
 
     def __str__(self) -> str:
         return f"{self.user or ','.join(self.accounts)}@{self.network}"

@@ -23,9 +23,10 @@ from engine.definitions import ProcessSpec, collect_definitions, field_problems
 from engine.schedules import ScheduleSpec
 from engine.yamlconfig import ConfigError, Node, Problem, load_yaml
 from engine.cron import check_cron
+from notifiers.destinations import BadDestination, Book
 
 BOT_KEYS = ("database", "durability", "timezone", "misfire", "log_level", "console", "commands",
-            "schedules", "networks", "participants")
+            "schedules", "networks", "participants", "outbox")
 MISFIRES = ("run_once", "skip")
 
 
@@ -57,6 +58,12 @@ class BotConfig:
     specs: dict[str, ProcessSpec] = field(default_factory=dict)
     participant_config: dict[str, Any] = field(default_factory=dict)   # name -> its check_config's result
     warnings: list[Problem] = field(default_factory=list)    # printed by check, logged at start
+    outbox: Any = None                                   # the outbox: settings (bot.yaml outbox:)
+
+    @property
+    def book(self) -> Book:
+        """The destinations messages may go to: these networks and users."""
+        return make_book(self.networks, self.users)
 
     def summary(self) -> str:
         return (f"{self.conf_dir}: OK: {len(self.specs)} process(es), {len(self.schedules)} schedule(s), "
@@ -307,6 +314,16 @@ def load_config(conf_dir: Path, participants: Mapping[str, ParticipantChecks] | 
         (console if "user" in console else top).problem("user" if "user" in console else None,
                                                         f"console user {console_user!r} is not defined in users.yaml")
 
+    outbox = _outbox_settings(top)
+    if users_parsed:
+        book = make_book(networks, users)
+        for spec in specs.values():
+            for step in spec.steps.values():
+                checker = checks.get(step.participant or "")
+                for param in getattr(checker, "destination_params", ()):
+                    for message in destination_problems(book, (step.params or {}).get(param)):
+                        findings.problems.append(Problem(spec.file, step.line, f"step {step.name}: {param}: {message}"))
+
     if findings.problems:
         raise ConfigError(findings.problems)
     db = Path(database)
@@ -315,7 +332,55 @@ def load_config(conf_dir: Path, participants: Mapping[str, ParticipantChecks] | 
                      console_user=console_user, prefix=prefix, max_room_lines=max_room_lines,
                      rate_commands=rate_commands, rate_window=rate_window, schedules=schedules,
                      networks=networks, users=users, specs=specs, participant_config=participant_config,
-                     warnings=sorted(findings.warnings))
+                     warnings=sorted(findings.warnings), outbox=outbox)
+
+
+@dataclass(frozen=True)
+class OutboxSettings:
+    retry_min: float = 2.0
+    retry_max: float = 300.0
+    give_up: float = 7 * 86400.0
+
+
+def _outbox_settings(top: Section) -> OutboxSettings:
+    """``outbox: {retry_min, retry_max, give_up}``: how long undelivered messages wait."""
+    section = top.sub("outbox", ("retry_min", "retry_max", "give_up"))
+    retry_min = section.duration("retry_min", 2.0, minimum=0.1)
+    retry_max = section.duration("retry_max", 300.0, minimum=retry_min)
+    give_up = section.duration("give_up", 7 * 86400.0, minimum=60.0, why="a message must get a chance")
+    return OutboxSettings(retry_min, retry_max, give_up)
+
+
+def make_book(networks: list[Any], users: list[User]) -> Book:
+    protocols = {cfg.name: cfg.protocol for cfg in networks}
+    rooms = {cfg.name: frozenset(getattr(cfg, "rooms", ())) for cfg in networks if cfg.protocol == "xmpp"}
+    on: dict[str, frozenset[str]] = {}
+    for user in users:
+        nets = {net for net, ids in user.irc.items() if net in protocols and (ids.accounts or ids.hostmasks)}
+        if user.xmpp_jids:
+            nets |= {n for n, p in protocols.items() if p == "xmpp"}
+        if user.emails:
+            nets |= {n for n, p in protocols.items() if p == "email"}
+        on[user.name] = frozenset(nets)
+    return Book(protocols, rooms, on)
+
+
+def destination_problems(book: Book, value: Any) -> list[str]:
+    """What is wrong with a destination param as written (templated entries are checked when they run)."""
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value if isinstance(value, list) else None
+    if items is None:
+        return [f"expected a destination or a list of them, got {value!r}"]
+    problems = []
+    for item in items:
+        if isinstance(item, str) and ("{{" in item or "{%" in item):
+            continue
+        try:
+            book.resolve(item)
+        except BadDestination as exc:
+            problems.append(str(exc))
+    return problems
 
 
 def _participant_sections(top: Section, names: frozenset[str] | None,

@@ -157,6 +157,13 @@ class Participant:
     named ``<name>_...``: ``migrations[n]`` takes them from version n to n+1.
     Run by the store at start, before ``setup``; append, never edit a shipped one."""
 
+    destination_params: ClassVar[tuple[str, ...]] = ()
+    """Params that hold message destinations (``irc:<network>:#channel``,
+    ``email:<address>``, ``user:<name>``; text or a list): the configuration
+    check resolves those written literally against the configured networks
+    and users (``notifiers.destinations``); templated ones are resolved when
+    the step runs."""
+
     def check_config(self, section: Section) -> Any:
         """Check this participant's section of bot.yaml (empty when absent) and
         return what ``setup`` gets as ``services.config``.  Report problems with

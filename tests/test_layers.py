@@ -24,7 +24,7 @@ ADAPTER_TOOLKIT = ("bot.chat", "bot.addressing", "bot.network", "bot.outqueue", 
 # What configuration parsing may use: never the engine's runtime (engine.engine, the store, the timers).
 CONFIG_PARSING = ("bot.access", "engine.configkit", "bot.transports", "bot.chat", "engine.definitions",
                   "engine.schedules", "engine.yamlconfig", "engine.durations", "engine.templating",
-                  "engine.errors", "engine.cron")
+                  "engine.errors", "engine.cron", "notifiers.destinations")
 
 LAYERS: dict[str, tuple[str, ...]] = {
     "engine": ("engine",),                                   # the inner layer: nothing outer
@@ -36,6 +36,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "bot.transports": ADAPTER_TOOLKIT,                       # the table of front-ends imports nothing first-party
     "bot.transports.irc": ("bot.transports.irc", *ADAPTER_TOOLKIT),
     "bot.transports.xmpp": ("bot.transports.xmpp", *ADAPTER_TOOLKIT),
+    "bot.transports.email": ("bot.transports.email", *ADAPTER_TOOLKIT,
+                             "engine.participant_runtime", "engine.store"),   # reply tokens: rows in the bot's database
     "bot.transports.console": ("bot.chat",),
     "run_bot": ("bot", "engine", "participants", "notifiers"),
     "bench": ("bench", "bot", "engine", "participants", "notifiers", "tests.serverkit", "run_bot"),
@@ -43,7 +45,9 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "tests.serverkit": ("tests.serverkit",),                 # usable by bench/: no pytest, no fixtures
 }
 PROTOCOL_LIBRARIES = {"irc": "bot.transports.irc", "jaraco": "bot.transports.irc",
-                      "slixmpp": "bot.transports.xmpp"}
+                      "slixmpp": "bot.transports.xmpp", "aiosmtplib": "bot.transports.email",
+                      "aiosmtpd": "bot.transports.email", "aioimaplib": "bot.transports.email",
+                      "authres": "bot.transports.email"}
 NO_PYTEST = ("engine", "participants", "notifiers", "bot", "run_bot", "bench", "tests.serverkit")
 
 

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PARTICIPANTS = ParticipantRegistry(discover()).names()
 KNOWN = ", ".join(sorted(PARTICIPANTS))
 EXPRESSIONS = "participant, sequence, concurrence, if, wait, repeat, for_each, subprocess, set, terminate, error"
-BOT_KEYS = "database, durability, timezone, misfire, log_level, console, commands, schedules, networks, participants"
+BOT_KEYS = "database, durability, timezone, misfire, log_level, console, commands, schedules, networks, participants, outbox"
 BAD_DURATION = "expected e.g. 90s, 4h, 2d, 1h30m"
 P = "conf/processes/p.yaml"   # how a definition written by proc_problems() is named in problems
 
@@ -561,9 +561,9 @@ def test_network_with_bad_protocol(tmp_path: Path) -> None:
           - just-a-string
         """}) == [
         # a non-mapping entry is reported at the 'networks' key
-        "conf/bot.yaml:2: network: 'protocol' must be one of irc, xmpp",
-        "conf/bot.yaml:3: network: 'protocol' must be one of irc, xmpp",
-        "conf/bot.yaml:5: network: 'protocol' must be one of irc, xmpp",
+        "conf/bot.yaml:2: network: 'protocol' must be one of irc, xmpp, email",
+        "conf/bot.yaml:3: network: 'protocol' must be one of irc, xmpp, email",
+        "conf/bot.yaml:5: network: 'protocol' must be one of irc, xmpp, email",
     ]
 
 
@@ -767,7 +767,7 @@ def broken_expected() -> list[str]:
         "conf/bot.yaml:4: console user 'mallory' is not defined in users.yaml",
         "conf/bot.yaml:6: unknown key 'burst' in commands rate_limit (expected commands, per)",
         "conf/bot.yaml:9: cron: bad cron expression '0 2 * * * *': ",   # + APScheduler's explanation
-        "conf/bot.yaml:12: network: 'protocol' must be one of irc, xmpp",
+        "conf/bot.yaml:12: network: 'protocol' must be one of irc, xmpp, email",
         "conf/processes/hello.yaml:3: unknown participant 'ecko' (known: " + KNOWN + ")",
         "conf/processes/hello.yaml:4: wait: bad duration 'soon': " + BAD_DURATION,
         "conf/processes/loop.yaml:3: repeat: needs 'max', a whole number of at least 1 (a loop must end)",

@@ -9,7 +9,7 @@ import sys
 import threading
 from typing import TextIO
 
-from bot.chat import VERIFIED_CONSOLE, Identity, Message, MessageHandler, Target
+from bot.chat import VERIFIED_CONSOLE, Identity, Message, MessageHandler, Outgoing, Target
 
 
 class ConsoleTransport:
@@ -52,10 +52,17 @@ class ConsoleTransport:
             self._out.write("bot> ")
             self._out.flush()
 
-    async def send(self, target: Target, text: str) -> None:
-        for line in text.splitlines() or [""]:
+    ready = True
+
+    async def send(self, target: Target, text: str | Outgoing) -> asyncio.Future[None]:
+        """Written to stdout: delivered when this returns."""
+        body = text.text if isinstance(text, Outgoing) else text
+        for line in body.splitlines() or [""]:
             self._out.write(line + "\n")
         self._out.flush()
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
 
     async def close(self) -> None:
         task = getattr(self, "_task", None)
