@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bot.access import Directory
-from bot.chat import TransportError
+from bot.chat import Person, TransportError
 from bot.commands import Dispatcher, default_registry
 from bot.config import BotConfig
 from bot.pacing import Cooldown
@@ -20,6 +20,7 @@ from engine.engine import Engine
 from engine.participant_runtime import ParticipantEnv
 from engine.participants import ParticipantRegistry
 from engine.store import Store
+from notifiers.outbox import Outbox, Settings
 from participants import discover
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,34 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+def reacher(cfg: BotConfig) -> Any:
+    """(user, network) -> the ``Person`` to deliver to: the identities users.yaml gives them there."""
+    users = {u.name: u for u in cfg.users}
+    networks = {n.name: n for n in cfg.networks}
+
+    def reach(name: str, network: str) -> Person | None:
+        user, net = users.get(name), networks.get(network)
+        if user is None or net is None:
+            return None
+        if net.protocol == "irc":
+            ids = user.irc.get(network)
+            if ids is None or not (ids.accounts or ids.hostmasks):
+                return None
+            return Person("irc", network, name, ids.accounts, ids.hostmasks if net.allow_hostmask else ())
+        addresses = user.xmpp_jids if net.protocol == "xmpp" else user.emails if net.protocol == "email" else ()
+        return Person(net.protocol, network, name, tuple(addresses)) if addresses else None
+    return reach
+
+
+def message_domain(cfg: BotConfig) -> str:
+    """The right-hand side of the Message-IDs of the bot's mail: its own address's domain."""
+    for net in cfg.networks:
+        sender = getattr(net, "sender", None) or getattr(net, "from_address", None)
+        if net.protocol == "email" and isinstance(sender, str) and "@" in sender:
+            return sender.rsplit("@", 1)[1]
+    return "releasebot.invalid"
+
+
 def transport_for(cfg: Any) -> Any:
     """The adapter for one network's config, constructed with it (injected, not subclassed)."""
     return front_end(cfg.protocol).Transport(cfg)
@@ -55,21 +84,27 @@ class App:
     dispatcher: Dispatcher = field(init=False)
     router: Router = field(init=False)
     transports: list[Any] = field(default_factory=list)
+    outbox: Outbox = field(init=False)
 
     def __post_init__(self) -> None:
         cfg = self.config
         self.store = Store(cfg.database, synchronous=cfg.durability.upper())
         directory = Directory(cfg.users)
-        # each participant's checked section of bot.yaml and the users reach its setup(services)
-        env = ParticipantEnv(config=cfg.participant_config, users=directory)
+        settings = cfg.outbox
+        self.outbox = Outbox(self.store, cfg.book, reacher(cfg), settings=Settings(
+            retry_min=settings.retry_min, retry_max=settings.retry_max, give_up=settings.give_up,
+            message_domain=message_domain(cfg)) if settings is not None else None)
+        # each participant's checked section of bot.yaml, the users and the outbox reach its setup(services)
+        env = ParticipantEnv(config=cfg.participant_config, users=directory, outbox=self.outbox)
         self.engine = Engine(self.store, cfg.specs, self.participants, schedules=cfg.schedules,
                              timezone=cfg.timezone, participant_env=env)
         self.dispatcher = Dispatcher(self.engine, directory, default_registry(),
-                                     cooldown=Cooldown(cfg.rate_commands, cfg.rate_window))
+                                     cooldown=Cooldown(cfg.rate_commands, cfg.rate_window), outbox=self.outbox)
         self.router = Router(self.dispatcher, max_room_lines=cfg.max_room_lines)
 
     async def start(self, extra_transports: list[Any] = ()) -> None:  # type: ignore[assignment]
         await asyncio.to_thread(self.store.open)
+        await self.outbox.open()            # its tables exist before any step can write to them
         await self.engine.start()
         tune_gc()
         log.info("engine ready: %s, database %s", self.config.summary(), self.config.database)
@@ -84,8 +119,16 @@ class App:
                 # a bot silently missing from a network is worse than one that will not start.
                 await self.stop()
                 raise
+        self.outbox.attach({t.network: t for t in self.transports if t.protocol != "console"})
+        # any committed transition may have queued messages (a notify step, a watcher's routes)
+        self.engine.bus.subscribe(self._committed)
+        await self.outbox.start()
+
+    async def _committed(self, _event: Any) -> None:
+        self.outbox.wake()
 
     async def stop(self) -> None:
+        await self.outbox.stop()
         for transport in self.transports:
             try:
                 await transport.close()

@@ -14,20 +14,23 @@ import logging
 import re
 import shlex
 import time
+import uuid
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
-from bot.access import (Caller, Directory, NotAuthorised, User, WrongProject, authorise_launch,
+from bot.access import (ADMINS, Caller, Directory, NotAuthorised, User, WrongProject, authorise_launch,
                         authorise_manage, authorise_read)
 from bot.chat import Message
 from bot.logsafety import sanitise
 from bot.pacing import Cooldown
 from bot.rendering import detail_lines, history_line, schedule_line, summary_line
 from engine.errors import Refusal
+from notifiers.destinations import Address
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[["Context"], Awaitable[list[str]]]
+R = TypeVar("R")
 
 
 class CommandError(Refusal):
@@ -73,6 +76,40 @@ class Context:
     spec: CommandSpec
     engine: Any
     registry: Registry
+    outbox: Any = None                 # notifiers.outbox.Outbox, if the bot has one
+    durable: bool = False              # the reply was written to the outbox with the change it reports
+
+    async def acknowledged(self, change: Callable[[Any], Awaitable[R]], text: Callable[[R], str]) -> list[str]:
+        """Make a change whose reply is durable: ``change(ack)`` calls the engine
+        with ``ack``, which writes the reply (``text(result)``) to the outbox
+        in the change's own commit.  If the bot dies before sending it, it is
+        delivered after the restart.  On the console (nobody to deliver to
+        after a restart: the history is enough) the reply is just returned."""
+        to = self._reply_address()
+        if self.outbox is None or to is None:
+            return [text(await change(None))]
+        cause = f"reply {uuid.uuid4().hex}"
+        asked = sanitise(self.message.text.strip(), 60)
+        nick = self.message.sender.nick if self.message.room is not None else ""
+
+        def ack(result: Any) -> Any:
+            line = f"{text(result)} (re: {asked})"
+            return self.outbox.rows(cause, [to], f"{nick}: {line}" if nick else line,
+                                    origin=f"reply to {self.actor}", hint=self.message.sender.handle)
+        result = await change(ack)
+        self.durable = True
+        self.outbox.wake()
+        return [text(result)]
+
+    def _reply_address(self) -> Address | None:
+        message = self.message
+        if message.sender.protocol == "console":
+            return None
+        if message.room is not None:
+            return Address("room", message.room.network, message.room.name)
+        if self.caller.user is None:
+            return None
+        return Address("user", message.sender.network, self.caller.user.name)
 
     @property
     def actor(self) -> str:
@@ -97,6 +134,7 @@ class Context:
 class Response:
     lines: list[str]
     ok: bool = True
+    durable: bool = False     # already in the outbox (written with the change): the router does not send it
 
 
 @dataclass
@@ -106,6 +144,7 @@ class Dispatcher:
     registry: Registry
     cooldown: Cooldown | None = None
     clock: Callable[[], float] = time.monotonic
+    outbox: Any = None
 
     async def handle(self, message: Message) -> Response:
         caller = self.directory.resolve(message.sender)
@@ -136,7 +175,7 @@ class Dispatcher:
                                  "so I cannot tell who you are; send me a direct message instead"], ok=False)
             return Response([f"not authorised: {spec.name} needs a verified, known user "
                              f"({caller.describe()}); try: whoami"], ok=False)
-        ctx = Context(caller, message, args[1:], spec, self.engine, self.registry)
+        ctx = Context(caller, message, args[1:], spec, self.engine, self.registry, self.outbox)
         try:
             lines = await spec.handler(ctx)
         except NotAuthorised as exc:
@@ -145,7 +184,7 @@ class Dispatcher:
         except Refusal as exc:
             return Response([str(exc)], ok=False)
         log.info("%s ran %r", ctx.actor, sanitise(words))
-        return Response(lines)
+        return Response(lines, durable=ctx.durable)
 
 
 def rate_key(caller: Caller) -> str:
@@ -238,8 +277,8 @@ async def cmd_launch(ctx: Context) -> list[str]:
         authorise_launch(ctx.user, name, spec.project, tuple(spec.launch_roles), project)
     except WrongProject as exc:
         raise ctx.usage_error(str(exc)) from None
-    iid = await ctx.engine.launch(name, fields, actor=ctx.actor, token=token)
-    return [f"launched {name} as #{iid}"]
+    return await ctx.acknowledged(lambda ack: ctx.engine.launch(name, fields, actor=ctx.actor, token=token, ack=ack),
+                                  lambda iid: f"launched {name} as #{iid}")
 
 
 @command("ps [all]", "list running, waiting and failed instances (all: include finished)")
@@ -289,8 +328,8 @@ async def _owned(ctx: Context, iid: int) -> None:
 async def cmd_cancel(ctx: Context) -> list[str]:
     iid = parse_id(ctx)
     await _owned(ctx, iid)
-    await ctx.engine.cancel(iid, actor=ctx.actor)
-    return [f"cancelled #{iid}"]
+    return await ctx.acknowledged(lambda ack: ctx.engine.cancel(iid, actor=ctx.actor, ack=ack),
+                                  lambda _: f"cancelled #{iid}")
 
 
 @command("retry <id> [handler] [key=value ...]",
@@ -304,10 +343,11 @@ async def cmd_retry(ctx: Context) -> list[str]:
     if "project" in fields:
         raise ctx.usage_error("the project of an instance cannot change")
     await _owned(ctx, iid)
-    paths = await ctx.engine.retry(iid, actor=ctx.actor, fields=fields, handler=handler)
     what = "the error handler " if handler else ""
-    return [f"retrying #{iid}: {what}{', '.join(paths)}"
-            + (f" with {', '.join(sorted(fields))} set" if fields else "")]
+    return await ctx.acknowledged(
+        lambda ack: ctx.engine.retry(iid, actor=ctx.actor, fields=fields, handler=handler, ack=ack),
+        lambda paths: f"retrying #{iid}: {what}{', '.join(paths)}"
+                      + (f" with {', '.join(sorted(fields))} set" if fields else ""))
 
 
 @command("schedules", "configured schedules with their next and last run")
@@ -321,6 +361,43 @@ async def cmd_schedules(ctx: Context) -> list[str]:
     if not mine:
         return [f"none of the {len(rows)} schedule(s) runs a process you may launch"]
     return [schedule_line(s) for s in mine]
+
+
+@command("outbox [failed | retry <id>]",
+         "messages the bot sends itself: counts per network and the oldest waiting; failed: each failure "
+         "and why; retry: queue a failed message again (admins)")
+async def cmd_outbox(ctx: Context) -> list[str]:
+    if not ctx.user.has_role(ADMINS):
+        raise NotAuthorised("not authorised: outbox is for admins (the messages are every project's)")
+    if ctx.outbox is None:
+        return ["this bot has no outbox"]
+    args = ctx.args
+    if args == ["failed"]:
+        rows = await ctx.outbox.failures()
+        return [outbox_line(r, r.error) for r in rows] or ["no failed messages"]
+    if len(args) == 2 and args[0] == "retry":
+        text = args[1].lstrip("#")
+        if not _ID.fullmatch(text):
+            raise ctx.usage_error(f"bad message id {sanitise(args[1], 30)!r}")
+        row = await ctx.outbox.retry(int(text))
+        if row is None:
+            raise CommandError(f"no undelivered message {text} in the outbox")
+        return [f"message {row.id} to {row.dest} queued again"]
+    if args:
+        raise ctx.usage_error("unexpected arguments")
+    stats = await ctx.outbox.stats()
+    if not stats.counts:
+        return ["the outbox is empty"]
+    networks = sorted({n for n, _s in stats.counts})
+    lines = [f"{n}: " + ", ".join(f"{stats.counts.get((n, s), 0)} {s}" for s in ("queued", "failed", "delivered"))
+             for n in networks]
+    lines += [outbox_line(r, f"waiting: {r.error}" if r.error else "waiting") for r in stats.oldest]
+    return lines
+
+
+def outbox_line(row: Any, state: str) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(row.created))
+    return f"[{row.id}] {when} to {row.dest} ({row.origin or 'no origin'}): {sanitise(row.text, 60)!r} - {state}"
 
 
 def _may_launch_scheduled(user: User, spec: Any) -> bool:

@@ -29,6 +29,8 @@ class Router:
             response_lines = ["internal error; the bot's log has details"]
         else:
             response_lines = response.lines
+            if response.durable:    # written to the outbox with the change it reports: sent from there
+                return
         if not response_lines:      # nothing to say (a rate-limited user already told once)
             return
         if message.room is None:
