@@ -15,6 +15,7 @@ from types import ModuleType
 FRONT_ENDS: dict[str, str] = {
     "irc": "bot.transports.irc",
     "xmpp": "bot.transports.xmpp",
+    "email": "bot.transports.email",
 }
 
 

@@ -1,0 +1,87 @@
+"""The email transport: the ``Transport`` contract over SMTP (outgoing mail).
+
+Mail goes to a ``Person`` (``protocol="email"``, this network, the addresses
+in ``accounts``); rooms and chat identities have no mailbox here, and sending
+to one is a ``TransportError``.  No connection is held open while there is
+nothing to send: ``ready`` is True until ``close`` (or while a refused login
+holds sending off, see ``sender``), and the first message opens one.
+Incoming mail arrives in later modules of this package; ``start`` records
+the handler they will call.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from bot.chat import MessageHandler, NotDelivered, Outgoing, Person, Target, TransportError, Undeliverable
+from bot.transports.email.config import EmailConfig
+from bot.transports.email.message import BadMessage, build, envelope
+from bot.transports.email.sender import Job, Sender
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = "email"
+
+
+class EmailTransport:
+    """One email network: its SMTP submission server and the bot's address."""
+
+    protocol = PROTOCOL
+
+    def __init__(self, config: EmailConfig) -> None:
+        self.config = config
+        self.network = config.name
+        self.sender = Sender(config)
+        self._on_message: MessageHandler | None = None
+        self._closed = False
+
+    @property
+    def ready(self) -> bool:
+        """Able to send: not closed, and no refused login holding sending off."""
+        return not self._closed and not self.sender.held
+
+    @property
+    def connections(self) -> int:
+        """SMTP connections opened so far (one per batch of messages)."""
+        return self.sender.connections
+
+    async def start(self, on_message: MessageHandler) -> None:
+        """Record the handler for incoming mail; connections are opened when a
+        message is sent.  Refuses a login with no password (``check`` accepts one)."""
+        if self.config.user is not None and self.config.password is None:
+            raise TransportError(f"email {self.network}: no password (the variable password_env names is not set)")
+        self._on_message = on_message
+        log.info("email %s: sending through %s:%d (%s) as %s", self.network, self.config.smtp_host,
+                 self.config.port, self.config.security, self.config.sender.addr_spec)
+
+    async def send(self, target: Target, text: str | Outgoing) -> asyncio.Future[None]:
+        """Queue one mail to every address of ``target`` and return its receipt
+        (resolved by the 250 after DATA).  A malformed address or id fails the
+        receipt with ``Undeliverable``, without a connection."""
+        if not isinstance(target, Person):
+            raise TransportError(f"email {self.network}: cannot mail {target} (only a person has an address)")
+        if target.protocol != PROTOCOL or target.network != self.network:
+            raise TransportError(f"email {self.network}: {target} is not on this network")
+        receipt: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._closed:
+            receipt.set_exception(NotDelivered(f"email {self.network}: closed"))
+            return receipt
+        outgoing = text if isinstance(text, Outgoing) else Outgoing(text)
+        try:
+            if not target.accounts:
+                raise BadMessage(f"{target} has no address")
+            mail = build(self.config.sender, target.accounts, outgoing)
+        except BadMessage as exc:
+            receipt.set_exception(Undeliverable(f"email {self.network}: {exc}"))
+            return receipt
+        mail_from, recipients, data = envelope(mail)
+        self.sender.submit(Job(mail_from, recipients, data, receipt, label=str(mail["Message-ID"])))
+        return receipt
+
+    async def close(self, flush_timeout: float = 2.0) -> None:
+        """Send what the server takes within ``flush_timeout``; the rest fails NotDelivered."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.sender.close(flush_timeout)
+        log.info("email %s: closed", self.network)
