@@ -107,6 +107,8 @@ class Book:
                                  f"(its {protocol} networks: {known})")
 
     def _mail(self, text: str, rest: str) -> Address:
+        if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in rest):
+            raise BadDestination(f"destination {text!r}: {rest!r} is not a mail address (local@domain)")
         network, sep, address = rest.rpartition(":")
         if not sep:
             mail = self.email_networks()

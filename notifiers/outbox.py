@@ -241,17 +241,12 @@ class Outbox:
                     await asyncio.wait_for(nudge.wait(), wait)
                 except asyncio.TimeoutError:
                     pass
-                if row.next_at - self.clock() > 0 and not await self._retry_now(row.id):
-                    continue
+                continue     # read the head again: it may have been retried, or failed by a command
             self._sending += 1
             try:
                 await self._send(row)
             finally:
                 self._sending -= 1
-
-    async def _retry_now(self, row_id: int) -> bool:
-        found = await self.storage.query("SELECT next_at FROM outbox_messages WHERE id = ?", row_id)
-        return bool(found) and found[0][0] <= self.clock()
 
     async def _send(self, row: Row) -> None:
         now = self.clock()
