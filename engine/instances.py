@@ -169,6 +169,8 @@ class Instance:
         tx.closed.append(key)
         tx.extra.extend(reply.ops)      # the participant's own writes, in the commit of its answer
         run.key = None
+        for kind, detail in reply.events:     # the participant's own events, routed like the engine's
+            self._history(step, kind, actor, detail)
         if reply.kind == "done":
             self._scope(step).update(reply.fields)
             self._history(step, "done", actor, _brief(reply.fields))
@@ -853,7 +855,7 @@ class Instance:
     def _complete(self) -> None:
         assert self.tx is not None
         self.status = Status.COMPLETED
-        self._history(None, "completed")
+        self._history(None, "completed", detail=f"recovered from {self.handled}"[:500] if self.handled else "")
         self._queue.clear()
         if self.parent:
             self.tx.followups.append(ChildFinished(self.parent[0], self.parent[1], self.id, True,

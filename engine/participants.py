@@ -23,6 +23,7 @@ A participant's life:
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, ClassVar, Mapping, Protocol, Sequence
 
@@ -56,18 +57,41 @@ class Reply:
     """Statements on the participant's own tables (``services.storage.op``)
     written in the same commit as the transition that applies this answer,
     and only if the answer is applied (the step was still open)."""
+    events: tuple[tuple[str, str], ...] = ()
+    """The participant's own events, ``(kind, detail)`` such as ``("publish
+    done", "devel: snapshot 42")``: written to the instance's history with
+    this answer, before its "done" or "failed", and routed to the project's
+    notification routes and subscribers like the engine's own (a kind is
+    lower-case words: ``EVENT_KIND``)."""
 
     @staticmethod
-    def done(fields: Mapping[str, Any] | None = None, *, ops: Sequence[Op] = ()) -> "Reply":
-        return Reply("done", dict(fields or {}), ops=tuple(ops))
+    def done(fields: Mapping[str, Any] | None = None, *, ops: Sequence[Op] = (),
+             events: Sequence[tuple[str, str]] = ()) -> "Reply":
+        return Reply("done", dict(fields or {}), ops=tuple(ops), events=_events(events))
 
     @staticmethod
-    def failed(error: str, *, ops: Sequence[Op] = ()) -> "Reply":
-        return Reply("failed", error=error or "failed", ops=tuple(ops))
+    def failed(error: str, *, ops: Sequence[Op] = (), events: Sequence[tuple[str, str]] = ()) -> "Reply":
+        return Reply("failed", error=error or "failed", ops=tuple(ops), events=_events(events))
 
     @staticmethod
     def pending() -> "Reply":
         return Reply("pending")
+
+
+EVENT_KIND = re.compile(r"[a-z][a-z0-9]*(?: [a-z0-9]+){0,4}")
+"""A participant's event kind: one to five lower-case words ("publish done")."""
+ENGINE_KINDS = frozenset({"launched", "dispatched", "pending", "done", "error", "failed", "completed", "cancelled",
+                          "terminated", "timed out", "retried", "skipped"})
+
+
+def _events(events: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    for kind, detail in events:
+        if not EVENT_KIND.fullmatch(kind) or kind in ENGINE_KINDS or kind.startswith("timer "):
+            raise ValueError(f"event kind {kind!r}: expected one to five lower-case words, not one of the "
+                             "engine's own (launched, completed, failed, ...)")
+        if not isinstance(detail, str):
+            raise ValueError(f"event {kind!r}: the detail is text")
+    return tuple((k, d[:500]) for k, d in events)
 
 
 # -- services: what a participant may use, and nothing more -----------------------------
