@@ -23,6 +23,12 @@ class NotDelivered(TransportError):
     server answered "try later" (SMTP 4xx).  The outbox tries again."""
 
 
+class Offline(NotDelivered):
+    """The person has no handle the server vouches for as theirs on this
+    network right now (no nick logged into their account): the message waits,
+    or goes by their fallback (``fallback email on``)."""
+
+
 class Undeliverable(TransportError):
     """A message can never reach its target as addressed: an unknown channel, a
     refused address (SMTP 5xx, with the server's text), a person with no
