@@ -483,3 +483,37 @@ def test_the_bot_config_loader_checks_email_networks_at_file_and_line(tmp_path: 
     config = load_config(conf, ParticipantRegistry(discover()).names())
     [network] = config.networks
     assert isinstance(network, EmailConfig) and network.name == "mail" and network.command_prefix == "!"
+
+
+async def test_a_connection_the_server_closed_at_mail_is_reopened_once_for_that_message(
+        smtp_sink: SmtpSink) -> None:
+    transport = await started(config_for(smtp_sink, "idle_timeout: 30s"))
+    assert await outcome(await transport.send(person("bob@example.test"), "one")) is None
+    smtp_sink.drops["MAIL"] = 1                     # an idle timeout racing the next message
+    assert await outcome(await transport.send(person("bob@example.test"), "two")) is None
+    assert [r.connection for r in smtp_sink.received] == [1, 2]
+    smtp_sink.drops["MAIL"] = 2                     # and again on the new connection: not a stale one
+    failure = await outcome(await transport.send(person("bob@example.test"), "three"))
+    assert type(failure) is NotDelivered and "lost during MAIL FROM" in str(failure)
+    assert await outcome(await transport.send(person("bob@example.test"), "four")) is None
+    assert [r.message["Subject"] for r in smtp_sink.received] == ["one", "two", "four"]
+    await transport.close()
+
+
+async def test_a_connection_lost_before_the_answer_to_data_is_not_delivered_and_the_next_goes(
+        smtp_sink: SmtpSink) -> None:
+    transport = await started(config_for(smtp_sink))
+    smtp_sink.drops["DATA"] = 1
+    first = await transport.send(person("bob@example.test"), Outgoing("x", message_id="<m1@bot.example.test>"))
+    second = await transport.send(person("bob@example.test"), "queued behind it")
+    failure = await outcome(first)
+    # the server may have it, but never said so: the outbox sends it again with the same Message-ID
+    assert type(failure) is NotDelivered and "lost during DATA" in str(failure)
+    assert await outcome(second) is None
+    assert smtp_sink.connections == 2
+    assert await outcome(await transport.send(person("bob@example.test"),
+                                              Outgoing("x", message_id="<m1@bot.example.test>"))) is None
+    first_copy, queued, second_copy = smtp_sink.received
+    assert first_copy.message_id == second_copy.message_id == "<m1@bot.example.test>"    # a receiver drops it
+    assert queued.message["Subject"] == "queued behind it" and queued.connection == 2
+    await transport.close()

@@ -17,6 +17,7 @@ import asyncio
 import email
 import ssl
 import threading
+import logging
 import time
 from dataclasses import dataclass, field
 from email import policy
@@ -25,6 +26,17 @@ from typing import Any
 
 from tests.serverkit import ServerMissing, free_port
 from tests.serverkit.tls import ServerCert
+
+
+
+class _NoDeprecationNoise(logging.Filter):
+    """aiosmtpd's own AUTH code sets the attribute it deprecates, and logs a warning at every login."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "login_data is deprecated" not in record.getMessage()
+
+
+logging.getLogger("mail.log").addFilter(_NoDeprecationNoise())
 
 #: Recipients answered with an error by default: a domain (``@refused.test``)
 #: or a whole address, to the SMTP reply it gets.
@@ -62,6 +74,9 @@ class _Handler:
 
     async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
                           options: list[str]) -> str:
+        if self.sink._drop("MAIL"):
+            server.transport.abort()
+            return "421 4.4.2 gone"         # never written: the connection is closed
         reply = self.sink.mail_reply
         if reply:
             return reply
@@ -89,6 +104,9 @@ class _Handler:
         login = session.auth_data if session.authenticated else None
         self.sink._record(Received(envelope.mail_from, tuple(envelope.rcpt_tos), raw, parsed,
                                    getattr(server, "number", 0), login, _encrypted(server, session)))
+        if self.sink._drop("DATA"):          # the message was taken, but the answer never comes
+            server.transport.abort()
+            return "421 4.4.2 gone"
         return "250 OK queued"
 
 
@@ -105,6 +123,9 @@ class SmtpSink:
     mail_reply: str | None = None         # e.g. "451 4.3.2 not now": every MAIL answered so
     data_reply: str | None = None         # e.g. "554 5.6.0 rejected": every DATA answered so
     data_delay: float = 0.0               # seconds the server thinks before answering DATA
+    # Connections closed without an answer at the next n MAIL or DATA commands, as a server
+    # that timed the connection out, or crashed mid-transaction, would.
+    drops: dict[str, int] = field(default_factory=lambda: {"MAIL": 0, "DATA": 0})
     host: str = "127.0.0.1"
     port: int = 0
     received: list[Received] = field(default_factory=list)
@@ -197,12 +218,14 @@ class SmtpSink:
         if controller is None:
             return
 
+        done = threading.Event()
+
         def drop_all() -> None:
             for protocol in list(self._live):
                 if protocol.transport is not None:
                     protocol.transport.abort()
-        done = threading.Event()
-        controller.loop.call_soon_threadsafe(lambda: (drop_all(), done.set()))
+            done.set()
+        controller.loop.call_soon_threadsafe(drop_all)
         done.wait(2.0)
         controller.stop()
         self._live.clear()
@@ -235,6 +258,13 @@ class SmtpSink:
                     raise TimeoutError(f"the sink received {len(self.received)} of {count} messages in {timeout}s")
                 self._lock.wait(left)
             return list(self.received)
+
+    def _drop(self, command: str) -> bool:
+        with self._lock:
+            if self.drops.get(command, 0) > 0:
+                self.drops[command] -= 1
+                return True
+        return False
 
     def _record(self, received: Received) -> None:
         with self._lock:
