@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from bot.chat import Identity, Message, Room, TransportError
+from bot.chat import Identity, Message, NotDelivered, Outgoing, Person, Room, TransportError, Undeliverable
 from engine.configkit import Findings, Section
 from bot.outqueue import overflow_note
 from bot.transports.xmpp import XmppConfig, XmppTransport, parse_config, split_text
@@ -181,14 +181,36 @@ class Stanza(dict[str, Any]):
     name = "message"
 
 
+class FakeSM:
+    """slixmpp's xep_0198 as Delivery sees it: on or off, and ack requests counted."""
+
+    def __init__(self) -> None:
+        self.enabled_out = False
+        self.unacked_queue: list[tuple[int, Stanza]] = []
+        self.ack_requests = 0
+
+    def request_ack(self) -> None:
+        self.ack_requests += 1
+
+
 @dataclass
 class FakeClient:
-    """Writes every message at once on a stream without acks (so written = delivered)."""
+    """Writes every message at once, on a stream without stream management
+    unless ``plugin["xep_0198"].enabled_out``; the server answers each ping
+    at once unless ``answer_pings`` is False (then ``pending`` holds them)."""
 
     delivery: Delivery
     sent: list[tuple[str, str]] = field(default_factory=list)
+    stanzas: list[Stanza] = field(default_factory=list)
     transport: object = object()
-    plugin: dict[str, Any] = field(default_factory=lambda: {"xep_0198": type("SM", (), {"enabled_out": False})()})
+    boundjid: Any = field(default_factory=lambda: type("Jid", (), {"host": "example.org"})())
+    plugin: dict[str, Any] = field(default_factory=dict)
+    answer_pings: bool = True
+    pings: int = 0
+    pending: list[asyncio.Future[None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.plugin.update({"xep_0198": FakeSM(), "xep_0199": self})
 
     def make_message(self, mto: str, mbody: str, mtype: str) -> Stanza:
         return Stanza(to=mto, body=mbody, type=mtype)
@@ -196,10 +218,26 @@ class FakeClient:
     def send(self, msg: Stanza) -> None:
         if self.delivery.outgoing(msg) is msg:
             self.sent.append((msg["to"], msg["body"]))
+            self.stanzas.append(msg)
+
+    def send_ping(self, jid: str, timeout: float) -> asyncio.Future[None]:
+        self.pings += 1
+        answer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.answer_pings:
+            answer.set_result(None)
+        else:
+            self.pending.append(answer)
+        return answer
+
+    def ack(self, count: int) -> None:
+        """The server acknowledges the next ``count`` stanzas written."""
+        for _ in range(count):
+            self.delivery.acked(self.stanzas.pop(0))
 
 
 async def pumped(delivery: Delivery, client: FakeClient, until: int) -> list[tuple[str, str]]:
-    """Go online and let the pump send until ``until`` messages went out."""
+    """Go online and let the pump send until ``until`` messages went out (and
+    the server's answers to what was written came in)."""
     delivery.online.set()
     delivery.wake()
     pump = asyncio.ensure_future(delivery.pump())
@@ -207,6 +245,8 @@ async def pumped(delivery: Delivery, client: FakeClient, until: int) -> list[tup
         for _ in range(1000):
             if len(client.sent) >= until:
                 break
+            await asyncio.sleep(0)
+        for _ in range(3):
             await asyncio.sleep(0)
         return client.sent
     finally:
@@ -266,20 +306,191 @@ async def test_leaving_a_room_drops_its_queue_and_its_occupants_but_not_real_jid
 async def test_unacknowledged_messages_go_first_after_a_new_session_in_order() -> None:
     delivery, client = delivery_for()
     client.plugin["xep_0198"].enabled_out = True                   # now nothing counts until acked
-    for i in range(3):
-        delivery.put("alice@example.org", "chat", f"a{i}")
-    delivery.put("bob@example.org", "chat", "b0")
+    receipts = [delivery.put("alice@example.org", "chat", f"a{i}") for i in range(3)]
+    receipts.append(delivery.put("bob@example.org", "chat", "b0"))
     await pumped(delivery, client, 4)
     assert delivery.undelivered == 4 and len(delivery.inflight) == 4
-    delivery.put("bob@example.org", "chat", "b1")                  # queued after the session died
+    receipts.append(delivery.put("bob@example.org", "chat", "b1"))  # queued after the session died
     delivery.online.clear()
     delivery.session_ended()
     assert [line.body for _, line in delivery.queue] == ["a0", "a1", "a2", "b0", "b1"]
+    assert not any(r.done() for r in receipts)                      # still open, not failed
     client.sent.clear()
     client.plugin["xep_0198"].enabled_out = False
     sent = await pumped(delivery, client, 5)
     assert [body for to, body in sent if to == "alice@example.org"] == ["a0", "a1", "a2"]
     assert [body for to, body in sent if to == "bob@example.org"] == ["b0", "b1"]
+    await asyncio.wait_for(asyncio.gather(*receipts), 1)            # confirmed on the new session
+
+
+# --- receipts, with the fake client -------------------------------------------------------------
+
+async def test_without_stream_management_a_ping_after_the_batch_confirms_it() -> None:
+    delivery, client = delivery_for(max_line_chars=100)
+    client.answer_pings = False
+    one = delivery.put("alice@example.org", "chat", "\n".join("x" * 80 for _ in range(3)))   # 3 stanzas
+    two = delivery.put("bob@example.org", "chat", "hello")
+    await pumped(delivery, client, 4)
+    assert client.pings == 1 and not one.done() and not two.done()  # one ping for the batch, unanswered
+    client.pending.pop().set_result(None)                           # the server answers it
+    await asyncio.sleep(0)
+    assert one.done() and one.result() is None and two.done() and delivery.undelivered == 0
+
+    three = delivery.put("bob@example.org", "chat", "again")
+    await pumped(delivery, client, 5)
+    client.pending.pop().set_exception(RuntimeError("an error answer is still an answer"))
+    await asyncio.sleep(0)
+    assert three.done() and three.result() is None
+
+
+async def test_with_stream_management_the_receipt_waits_for_the_ack_of_every_stanza() -> None:
+    delivery, client = delivery_for(max_line_chars=100)
+    client.plugin["xep_0198"].enabled_out = True
+    receipt = delivery.put("alice@example.org", "chat", "\n".join("x" * 80 for _ in range(3)))
+    await pumped(delivery, client, 3)
+    assert client.plugin["xep_0198"].ack_requests == 1 and client.pings == 0
+    client.ack(2)
+    assert not receipt.done()
+    client.ack(1)
+    await asyncio.sleep(0)
+    assert receipt.done() and receipt.result() is None
+
+
+async def test_a_bounce_before_the_confirmation_fails_the_receipt_and_stops_the_rest(caplog: Any) -> None:
+    delivery, client = delivery_for(max_line_chars=100, rate=1.0, burst=1)    # one now, the next in 1s
+    client.plugin["xep_0198"].enabled_out = True
+    room = delivery.put(ROOM, "groupchat", "\n".join(f"{i} " + "x" * 80 for i in range(5)))
+    await pumped(delivery, client, 1)
+    first = client.stanzas[0]
+    delivery.bounced(first["id"], "mallory@example.org/x", "forbidden", "", "cancel")    # not from the room
+    assert not room.done() and "ignoring a bounce from mallory@example.org/x" in caplog.text
+    delivery.bounced(first["id"], ROOM, "not-acceptable", "Only occupants may speak", "cancel")
+    with pytest.raises(Undeliverable, match=f"xmpp test: {ROOM} refused the message: not-acceptable "
+                                             r"\(Only occupants may speak\)"):
+        await room
+    await pumped(delivery, client, 2)
+    assert len(client.sent) == 1 and len(delivery.queue) == 0      # the rest is dropped, not sent
+    client.ack(1)                                                  # the ack that follows changes nothing
+    assert delivery.undelivered == 0 and isinstance(room.exception(), Undeliverable)
+
+
+async def test_a_bounce_after_the_confirmation_is_only_logged_and_a_wait_error_is_not_final(caplog: Any) -> None:
+    delivery, client = delivery_for()
+    client.plugin["xep_0198"].enabled_out = True
+    hello = delivery.put("alice@example.org", "chat", "hello")
+    await pumped(delivery, client, 1)
+    hello_id = client.stanzas[0]["id"]
+    client.ack(1)
+    await asyncio.sleep(0)
+    delivery.bounced(hello_id, "alice@example.org", "service-unavailable", "", "cancel")   # a remote server, later
+    assert hello.result() is None
+    assert "alice@example.org bounced a message after the server had confirmed it (or one that is not ours): " \
+           "service-unavailable" in caplog.text
+    busy = delivery.put("alice@example.org", "chat", "busy")
+    await pumped(delivery, client, 2)
+    delivery.bounced(client.stanzas[-1]["id"], "alice@example.org", "resource-constraint", "", "wait")
+    with pytest.raises(NotDelivered, match="alice@example.org refused the message: resource-constraint"):
+        await busy
+
+
+async def test_a_full_queue_or_an_overlong_message_fails_its_receipt_but_the_cut_text_still_goes() -> None:
+    delivery, client = delivery_for(max_queued_lines=10)
+    long = delivery.put("alice@example.org", "chat", "\n".join(f"#{i}" for i in range(25)))
+    with pytest.raises(Undeliverable, match=r"25 lines: more than max_queued_lines \(10\)"):
+        await long
+    full = delivery.put("alice@example.org", "chat", "more")
+    with pytest.raises(NotDelivered, match="too many lines queued for alice@example.org .*try again later"):
+        await full
+    sent = await pumped(delivery, client, 1)
+    assert sent == [("alice@example.org", "\n".join([*(f"#{i}" for i in range(9)), overflow_note(16)]))]
+    fits = delivery.put("alice@example.org", "chat", "now it fits")
+    nothing = delivery.put("alice@example.org", "chat", "")
+    await pumped(delivery, client, 2)
+    assert await fits is None and await nothing is None
+
+
+async def test_drops_fail_receipts_and_close_fails_the_open_ones_with_not_delivered() -> None:
+    transport = XmppTransport(cfg(rooms=(ROOM,)))
+    delivery = transport._delivery
+    in_room = delivery.put(ROOM, "groupchat", "to the room")
+    to_carol = delivery.put(f"{ROOM}/carol", "chat", "to carol through the room")
+    to_alice = delivery.put("alice@example.org", "chat", "to alice")
+    transport._departed(Departure(ROOM, "carol"))
+    transport._departed(Departure(ROOM, None))
+    with pytest.raises(Undeliverable, match=f"{ROOM}/carol left the room"):
+        await to_carol
+    with pytest.raises(NotDelivered, match=f"not in {ROOM} now"):
+        await in_room
+    await transport.close(flush_timeout=0)
+    with pytest.raises(NotDelivered, match="xmpp test: closed before the server confirmed it"):
+        await to_alice
+    after = await transport.send(Identity("xmpp", NET, "alice@example.org"), "too late")
+    with pytest.raises(NotDelivered, match="xmpp test: closed"):
+        await after
+
+
+async def test_failed_receipts_nobody_awaits_make_no_noise(caplog: Any) -> None:
+    import gc
+
+    loop = asyncio.get_running_loop()
+    complaints: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: complaints.append(context))
+    try:
+        delivery, _client = delivery_for(max_queued_lines=10)
+        delivery.put("alice@example.org", "chat", "\n".join(f"#{i}" for i in range(25)))   # fails at once
+        delivery.put(f"{ROOM}/carol", "chat", "to carol")
+        delivery.drop_occupant(ROOM, "carol")
+        delivery.put("bob@example.org", "chat", "to bob")
+        delivery.close("closed")
+        del delivery
+        await asyncio.sleep(0)
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert complaints == []
+    # what the check relies on: a plain future failed and dropped is reported
+    plain: asyncio.Future[None] = loop.create_future()
+    plain.set_exception(NotDelivered("x"))
+    loop.set_exception_handler(lambda _loop, context: complaints.append(context))
+    try:
+        del plain
+        gc.collect()
+    finally:
+        loop.set_exception_handler(None)
+    assert [c["message"] for c in complaints] == ["Future exception was never retrieved"]
+
+
+async def test_a_person_is_sent_to_at_each_bare_jid_and_never_to_a_room_or_a_nick() -> None:
+    transport = XmppTransport(cfg(rooms=(ROOM,)))
+    transport.trust.joining(ROOM)
+    transport.trust.joined(ROOM, "releasebot", {110})
+
+    async def refused(person: Person) -> str:
+        receipt = await transport.send(person, "hello")
+        with pytest.raises(Undeliverable) as info:
+            await receipt
+        return str(info.value)
+
+    assert await refused(Person("xmpp", NET, "alice")) == "alice has no JID on test"
+    assert await refused(Person("xmpp", NET, "alice", (f"{ROOM}/alice",))) == (
+        f"xmpp test: alice's JID '{ROOM}/alice' is not a bare JID like name@example.org")
+    assert await refused(Person("xmpp", NET, "alice", (ROOM,))) == (
+        f"xmpp test: alice's JID '{ROOM}' is a room, not a person")
+    assert (await refused(Person("xmpp", NET, "alice", ("not a jid@@",)))).startswith(
+        "xmpp test: alice's JID 'not a jid@@' is not valid")
+    with pytest.raises(TransportError, match="xmpp test: cannot send to alice@other"):
+        await transport.send(Person("xmpp", "other", "alice", ("alice@example.org",)), "hello")
+
+    receipt = await transport.send(Person("xmpp", NET, "alice", ("Alice@Example.org", "alice@example.org",
+                                                                 "alice@work.example.org")),
+                                   Outgoing(text="release 1.2 is out", subject="ignored in chat"))
+    assert [(key, m.body) for key, m in transport._delivery.queue] == [
+        (("alice@example.org", "chat"), "release 1.2 is out"),       # once per account, normalised
+        (("alice@work.example.org", "chat"), "release 1.2 is out")]
+    assert not receipt.done()
+    assert not transport.ready                                       # not started: not connected
+    await transport.close(flush_timeout=0)
 
 
 # --- reconnecting ---------------------------------------------------------------------------

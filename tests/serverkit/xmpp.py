@@ -6,7 +6,8 @@ Each server gets a free port and its own temp dir; users are written into its
 data dir before the server starts, as ``prosodyctl register`` would write them
 (a Lua process per user took 40 ms, most of a test's server start).
 The config is a plain loopback Prosody (no TLS, MUC rooms unlocked), plus ``smacks``
-(XEP-0198 stream management, bundled with 0.12) and ``offline`` storage.
+(XEP-0198 stream management, bundled with 0.12) and ``offline`` storage;
+``Prosody(smacks=False)`` is a server without stream management.
 
 ``Prosody(tls=True)`` is the TLS variant: mod_tls on, STARTTLS required
 (``c2s_require_encryption``), no plain authentication without it, and a
@@ -47,7 +48,7 @@ http_ports = {{ }}
 https_ports = {{ }}
 c2s_direct_tls_ports = {{ }}
 modules_enabled = {{ "disco"; "roster"; "saslauth"; "presence"; "message"; "iq"; "ping"; "register";
-                    "smacks"; "offline"; {tls_module}}}
+                    {smacks}"offline"; {tls_module}}}
 modules_disabled = {{ "s2s"; {no_tls}"posix"; }}
 {tls}authentication = "internal_plain"
 storage = "internal"
@@ -80,10 +81,10 @@ class Prosody:
 
     ``tls=True``: STARTTLS required, with a certificate for ``localhost`` and
     127.0.0.1 signed by ``ca`` (default: a new throwaway CA in this server's
-    dir); clients must trust ``ca_file``."""
+    dir); clients must trust ``ca_file``.  ``smacks=False``: no XEP-0198."""
 
     def __init__(self, users: dict[str, str] | None = None, *, tls: bool = False,
-                 ca: ThrowawayCA | None = None) -> None:
+                 ca: ThrowawayCA | None = None, smacks: bool = True) -> None:
         self.binary = require_binary("prosody")
         # Not pytest's tmp_path: that is 0700, and the files belong to the prosody user.
         self.root = Path(tempfile.mkdtemp(prefix="xmpp-test-"))
@@ -93,6 +94,7 @@ class Prosody:
         self.users = dict(USERS if users is None else users)
         self.config = self.root / "prosody.cfg.lua"
         self.tls = tls
+        self.smacks = smacks
         self.ca_file: Path | None = None
         (self.root / "data").mkdir()
         (self.root / "certs").mkdir()
@@ -105,6 +107,7 @@ class Prosody:
             settings = TLS.format(cert=cert.cert_file, key=cert.key_file)
         self.config.write_text(CONFIG.format(root=self.root, port=self.port, domain=DOMAIN, muc=MUC,
                                              tls_module='"tls"; ' if tls else "",
+                                             smacks='"smacks"; ' if smacks else "",
                                              no_tls="" if tls else '"tls"; ', tls=settings))
         shutil.chown(self.root, "prosody", "prosody")
         for user, password in self.users.items():

@@ -11,7 +11,8 @@ from tests.servers import need
 from tests.serverkit.tls import ThrowawayCA
 from tests.serverkit.xmpp import DOMAIN, MUC, USERS, Human, Prosody, Received
 
-__all__ = ["DOMAIN", "MUC", "USERS", "Human", "Prosody", "Received", "prosody", "prosody_tls", "xmpp_human"]
+__all__ = ["DOMAIN", "MUC", "USERS", "Human", "Prosody", "Received", "prosody", "prosody_without_sm", "prosody_tls",
+           "xmpp_human"]
 
 
 def _serve(server_factory: Callable[[], Prosody]) -> Iterator[Prosody]:
@@ -26,6 +27,12 @@ def _serve(server_factory: Callable[[], Prosody]) -> Iterator[Prosody]:
 @pytest.fixture
 def prosody() -> Iterator[Prosody]:
     yield from _serve(Prosody)
+
+
+@pytest.fixture
+def prosody_without_sm() -> Iterator[Prosody]:
+    """A Prosody without XEP-0198 stream management (no ``smacks``)."""
+    yield from _serve(lambda: Prosody(smacks=False))
 
 
 @pytest.fixture

@@ -8,7 +8,9 @@ One file per job:
   every room command is judged by, in plain Python;
 * ``rooms``: joining rooms and feeding ``roomtrust`` from their stanzas;
 * ``inbound``: which messages are commands, and from whom;
-* ``delivery``: the fair, capped outbound queue, XEP-0198 acks, requeueing;
+* ``delivery``: the fair, capped outbound queue, confirmation by the server
+  (XEP-0198 acks, else a ping), bounces, requeueing;
+* ``receipts``: the future ``send`` returns, and how it settles;
 * ``transport``: the connection, kept up: connect, keepalive, reconnect.
 
 slixmpp is imported only inside this package; its exceptions become

@@ -7,6 +7,13 @@ offers XEP-0198, rejoins the configured rooms on every new session, and
 wires slixmpp's events to ``Delivery`` (outbound), ``Inbound`` (commands) and
 ``Rooms`` (what the rooms show).  A server that refuses the credentials or
 the certificate at start stops ``start`` with a ``TransportError``.
+
+``send`` returns a receipt that the server's confirmation settles (see
+``delivery``): resolved once the server has every stanza of the message,
+failed by a bounce, a target that went away, or ``close``.  Whoever awaits
+it may count on this: a resolved receipt means the server took the whole
+message on; the message may reach its target once more than that, at most
+once per stream lost before the server's confirmation reached us.
 """
 from __future__ import annotations
 
@@ -19,12 +26,14 @@ import uuid
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from bot.chat import Identity, Message, MessageHandler, Room, Target, TransportError
+from bot.chat import (Identity, Message, MessageHandler, NotDelivered, Outgoing, Person, Room, Target,
+                      TransportError, Undeliverable)
 from bot.logsafety import sanitise
 from bot.network import Backoff
 from bot.transports.xmpp.config import XmppConfig
 from bot.transports.xmpp.delivery import Delivery
 from bot.transports.xmpp.inbound import Inbound
+from bot.transports.xmpp.receipts import settled
 from bot.transports.xmpp.roomtrust import PROTOCOL, Departure
 from bot.transports.xmpp.rooms import Rooms
 
@@ -104,20 +113,77 @@ class XmppTransport:
         if outcome != "online":
             log.warning("xmpp %s: cannot connect yet (%s); retrying in the background", self.network, outcome)
 
-    async def send(self, target: Target, text: str) -> None:
-        """Queue ``text`` for ``target``; never truncated (an overlong line is
-        split), but capped per target (``max_queued_lines``)."""
-        if self._closing:
-            raise TransportError(f"xmpp {self.network}: closed")
+    @property
+    def ready(self) -> bool:
+        """The stream is up and the configured rooms were (re)joined: sending now."""
+        return self.online.is_set() and not self._closing
+
+    async def send(self, target: Target, text: str | Outgoing) -> asyncio.Future[None]:
+        """Queue ``text`` (an ``Outgoing``'s ``.text``) for ``target`` and return
+        its receipt (``delivery`` says when it settles).  Never truncated (an
+        overlong line is split), but capped per target (``max_queued_lines``).
+        A ``Person`` gets a chat message at each of their bare JIDs: the server
+        routes it to that account's resources only, or stores it offline.  Raises
+        TransportError only for a target of another network."""
         if target.protocol != PROTOCOL or target.network != self.network:
             raise TransportError(f"xmpp {self.network}: cannot send to {target}")
+        body = text.text if isinstance(text, Outgoing) else text
+        if self._closing:
+            return settled(NotDelivered(f"xmpp {self.network}: closed"))
+        if isinstance(target, Person):
+            jids = self._person_jids(target)
+            if isinstance(jids, Undeliverable):
+                return settled(jids)
+            return self._delivery.put_all(jids, "chat", body)
         if isinstance(target, Room):
-            self._delivery.put(target.name, "groupchat", text)
+            address, mtype = self._address_of(target.name, room=True), "groupchat"
         else:
-            self._delivery.put(self.trust.private_address(target), "chat", text)
+            address, mtype = self._address_of(self.trust.private_address(target), room=False), "chat"
+        if isinstance(address, Undeliverable):
+            return settled(address)
+        return self._delivery.put(address, mtype, body)
+
+    def _address_of(self, name: str, *, room: bool) -> str | Undeliverable:
+        """``name`` as slixmpp writes it (bounces are compared to it), or why it is no address."""
+        from slixmpp.jid import JID, InvalidJID
+
+        try:
+            jid = JID(name)
+        except InvalidJID as exc:
+            return Undeliverable(f"xmpp {self.network}: {sanitise(name)!r} is not a JID ({exc})")
+        if room and (not jid.user or jid.resource):
+            return Undeliverable(f"xmpp {self.network}: {sanitise(name)!r} is not a room JID")
+        if not jid.domain:
+            return Undeliverable(f"xmpp {self.network}: {sanitise(name)!r} is not a JID")
+        return str(jid.full)
+
+    def _person_jids(self, person: Person) -> list[str] | Undeliverable:
+        """The bare JIDs to message ``person`` at.  Never a room or a room
+        occupant: a nickname is not a person."""
+        from slixmpp.jid import JID, InvalidJID
+
+        who = person.user or str(person)
+        if not person.accounts:
+            return Undeliverable(f"{who} has no JID on {self.network}")
+        jids: list[str] = []
+        for account in person.accounts:
+            try:
+                jid = JID(account)
+            except InvalidJID as exc:
+                return Undeliverable(f"xmpp {self.network}: {who}'s JID {sanitise(account)!r} is not valid ({exc})")
+            if not jid.user or jid.resource:
+                return Undeliverable(f"xmpp {self.network}: {who}'s JID {sanitise(account)!r} is not a bare JID "
+                                     "like name@example.org")
+            if self.trust.is_room(jid.bare):
+                return Undeliverable(f"xmpp {self.network}: {who}'s JID {sanitise(account)!r} is a room, "
+                                     "not a person")
+            if jid.bare not in jids:
+                jids.append(jid.bare)
+        return jids
 
     async def close(self, flush_timeout: float = 2.0) -> None:
-        """Flush what can be flushed (while connected), say goodbye, disconnect."""
+        """Flush what can be flushed (while connected), say goodbye, disconnect;
+        receipts still open fail with NotDelivered."""
         if self._closing and self._client is None:
             return
         deadline = time.monotonic() + flush_timeout
@@ -127,7 +193,7 @@ class XmppTransport:
         if self._delivery.undelivered:
             log.warning("xmpp %s: closing with %d undelivered message(s)", self.network,
                         self._delivery.undelivered)
-        self._delivery.close()
+        self._delivery.close("closed before the server confirmed it")
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -410,8 +476,8 @@ class XmppTransport:
         self._spawn(self.send(ident, text), "reply")
 
     def _message_error(self, msg: Any) -> None:
-        log.warning("xmpp %s: message to %s bounced: %s", self.network, msg["from"],
-                    msg["error"]["condition"])
+        error = msg["error"]
+        self._delivery.bounced(msg["id"], str(msg["from"]), error["condition"], error["text"], error["type"])
 
     def _spawn(self, coro: Awaitable[Any], what: str) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
