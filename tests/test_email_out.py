@@ -517,3 +517,14 @@ async def test_a_connection_lost_before_the_answer_to_data_is_not_delivered_and_
     assert first_copy.message_id == second_copy.message_id == "<m1@bot.example.test>"    # a receiver drops it
     assert queued.message["Subject"] == "queued behind it" and queued.connection == 2
     await transport.close()
+
+
+async def test_a_server_that_wants_a_login_the_config_lacks_holds_off_too(
+        smtp_sinks: Callable[..., SmtpSink]) -> None:
+    sink = smtp_sinks(users={"bot": SECRET})            # AUTH required; the bot has no user configured
+    transport = await started(config_for(sink))
+    failure = await outcome(await transport.send(person("bob@example.test"), "hi"))
+    assert type(failure) is NotDelivered and "wants a login (530" in str(failure)
+    assert "set user and password_env" in str(failure)
+    assert not transport.ready and sink.received == []
+    await transport.close()
