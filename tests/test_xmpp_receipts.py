@@ -14,7 +14,7 @@ import pytest
 
 from bot.chat import Identity, Message, NotDelivered, Person, Room, Undeliverable
 from bot.transports.xmpp import XmppConfig, XmppTransport
-from tests.servers.xmpp import Human, Prosody, Received
+from tests.servers.xmpp import CuttableProxy, Human, Prosody, Received
 
 NET = "test"
 NICK = "releasebot"
@@ -188,6 +188,39 @@ async def test_a_server_restarted_before_confirming_gets_the_message_again_withi
     assert {part: everything.count(part) for part in parts} == {part: 2 for part in parts}
     assert everything.count("queued while down") == 1                # queued while down: exactly once
     assert len(settled) == 1
+
+
+@pytest.mark.servers
+async def test_a_resumed_stream_settles_the_receipt_from_what_the_server_says_it_had_without_repeats(
+        prosody: Prosody, start_bot, xmpp_human) -> None:  # type: ignore[no-untyped-def]
+    proxy = CuttableProxy(prosody.port)
+    await proxy.start()
+    try:
+        bot = await start_bot(prosody, port=proxy.port, max_line_chars=100)
+        alice: Human = await xmpp_human("alice")
+        swallowed: list[str] = []
+
+        def lose_acks(stanza: Any) -> Any:
+            if stanza.name == "a":
+                swallowed.append(str(stanza))
+                return None
+            return stanza
+        bot._client.add_filter("in", lose_acks)
+        parts = [f"part {i} " + "x" * 80 for i in range(3)]
+        receipt = await bot.send(Identity("xmpp", NET, prosody.jid("alice")), "\n".join(parts))
+        assert [(await alice.expect(from_bot(prosody))).body for _ in parts] == parts
+        await asyncio.sleep(0.2)
+        assert swallowed and not receipt.done()
+
+        proxy.cut()                                    # the network goes; the server keeps the session
+        await wait_until(lambda: not bot.ready)
+        bot._client.del_filter("in", lose_acks)
+        proxy.up = True
+        assert await asyncio.wait_for(receipt, WAIT) is None      # the resume's h counts all three
+        assert bot.connections == 1                    # resumed, not a new session
+        assert await alice.quiet(0.3) == []            # and nothing was sent twice
+    finally:
+        await proxy.close()
 
 
 @pytest.mark.servers

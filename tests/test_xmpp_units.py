@@ -393,6 +393,21 @@ async def test_a_bounce_after_the_confirmation_is_only_logged_and_a_wait_error_i
         await busy
 
 
+async def test_a_receipt_its_holder_cancels_withdraws_what_was_not_written_yet() -> None:
+    delivery, client = delivery_for()
+    client.plugin["xep_0198"].enabled_out = True
+    written = delivery.put("alice@example.org", "chat", "written")
+    await pumped(delivery, client, 1)
+    queued = delivery.put("alice@example.org", "chat", "queued")
+    with pytest.raises(asyncio.TimeoutError):                      # e.g. an outbox that stops waiting
+        await asyncio.wait_for(queued, 0.001)
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(written, 0.001)
+    delivery.session_ended()                                       # the written one is not sent again either
+    assert await pumped(delivery, client, 2) == [("alice@example.org", "written")]
+    assert delivery.undelivered == 0 and delivery._open == {}
+
+
 async def test_a_full_queue_or_an_overlong_message_fails_its_receipt_but_the_cut_text_still_goes() -> None:
     delivery, client = delivery_for(max_queued_lines=10)
     long = delivery.put("alice@example.org", "chat", "\n".join(f"#{i}" for i in range(25)))

@@ -9,9 +9,9 @@ import pytest
 
 from tests.servers import need
 from tests.serverkit.tls import ThrowawayCA
-from tests.serverkit.xmpp import DOMAIN, MUC, USERS, Human, Prosody, Received
+from tests.serverkit.xmpp import DOMAIN, MUC, USERS, CuttableProxy, Human, Prosody, Received
 
-__all__ = ["DOMAIN", "MUC", "USERS", "Human", "Prosody", "Received", "prosody", "prosody_without_sm", "prosody_tls",
+__all__ = ["DOMAIN", "MUC", "USERS", "CuttableProxy", "Human", "Prosody", "Received", "prosody", "prosody_without_sm", "prosody_tls",
            "xmpp_human"]
 
 

@@ -371,7 +371,9 @@ class Delivery:
             self.inflight.pop(message.id, None)
             self._requeued.add(message.id)
             message.stanza = None
-        again = [message for message in messages if not message.receipt.done]
+        again = [message for message in messages if not message.receipt.done]   # not failed or given up on
+        if not again:
+            return
         self.queue.requeue([(message.key, message) for message in again])
         log.info("xmpp %s: %d unconfirmed message(s) queued again", self.network, len(again))
         self._wakeup.set()
