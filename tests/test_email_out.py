@@ -4,6 +4,7 @@ TLS from the first byte; and its bot.yaml entry, problems at file:line."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import shutil
 import textwrap
@@ -528,3 +529,19 @@ async def test_a_server_that_wants_a_login_the_config_lacks_holds_off_too(
     assert "set user and password_env" in str(failure)
     assert not transport.ready and sink.received == []
     await transport.close()
+
+
+async def test_a_failed_receipt_nobody_awaits_is_not_logged_as_an_error(
+        smtp_sink: SmtpSink, caplog: pytest.LogCaptureFixture) -> None:
+    transport = await started(config_for(smtp_sink))
+    await transport.send(person("not an address"), "refused before sending")
+    await transport.send(person("ghost@refused.test"), "refused by the server")
+    await transport.send(person("bob@example.test"), "delivered")
+    deadline = time.monotonic() + 5
+    while len(smtp_sink.received) < 1 and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    await transport.close()
+    await transport.send(person("bob@example.test"), "after close")
+    gc.collect()                                  # a dropped future with an unretrieved exception logs now
+    await asyncio.sleep(0)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

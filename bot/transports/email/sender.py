@@ -101,17 +101,13 @@ class Sender:
         """The server refused the login a short while ago: not trying again yet."""
         return self._clock() < self._held_until
 
-    @property
-    def queued(self) -> int:
-        return len(self._queue) + (self._current is not None)
-
     def submit(self, job: Job) -> None:
         """Queue ``job``; its receipt settles when the server has answered."""
         if self._closed:
-            job.receipt.set_exception(NotDelivered(f"{self._where}: closed"))
+            self._settle(job, NotDelivered(f"{self._where}: closed"))
             return
         if self.held:
-            job.receipt.set_exception(NotDelivered(self._held_reason))
+            self._settle(job, NotDelivered(self._held_reason))
             return
         self._queue.append(job)
         self._idle.clear()

@@ -67,8 +67,7 @@ class EmailTransport:
             raise TransportError(f"email {self.network}: {target} is not on this network")
         receipt: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self._closed:
-            receipt.set_exception(NotDelivered(f"email {self.network}: closed"))
-            return receipt
+            return _failed(receipt, NotDelivered(f"email {self.network}: closed"))
         outgoing = text if isinstance(text, Outgoing) else Outgoing(text)
         try:
             if not target.accounts:
@@ -78,8 +77,7 @@ class EmailTransport:
             else:
                 label, (mail_from, recipients, data) = self._encode(target, outgoing)
         except BadMessage as exc:
-            receipt.set_exception(Undeliverable(f"email {self.network}: {exc}"))
-            return receipt
+            return _failed(receipt, Undeliverable(f"email {self.network}: {exc}"))
         self.sender.submit(Job(mail_from, recipients, data, receipt, label=label))
         return receipt
 
@@ -95,3 +93,10 @@ class EmailTransport:
         self._closed = True
         await self.sender.close(flush_timeout)
         log.info("email %s: closed", self.network)
+
+
+def _failed(receipt: asyncio.Future[None], failure: TransportError) -> asyncio.Future[None]:
+    """``receipt`` failed with ``failure``, marked retrieved: one nobody awaits is not an error."""
+    receipt.set_exception(failure)
+    receipt.exception()
+    return receipt
