@@ -208,6 +208,7 @@ class FakeClient:
     answer_pings: bool = True
     pings: int = 0
     pending: list[asyncio.Future[None]] = field(default_factory=list)
+    aborted: int = 0
 
     def __post_init__(self) -> None:
         self.plugin.update({"xep_0198": FakeSM(), "xep_0199": self})
@@ -228,6 +229,9 @@ class FakeClient:
         else:
             self.pending.append(answer)
         return answer
+
+    def abort(self) -> None:
+        self.aborted += 1
 
     def ack(self, count: int) -> None:
         """The server acknowledges the next ``count`` stanzas written."""
@@ -341,6 +345,22 @@ async def test_without_stream_management_a_ping_after_the_batch_confirms_it() ->
     client.pending.pop().set_exception(RuntimeError("an error answer is still an answer"))
     await asyncio.sleep(0)
     assert three.done() and three.result() is None
+
+
+async def test_a_confirming_ping_left_unanswered_drops_the_connection_and_the_batch_goes_again() -> None:
+    from slixmpp.exceptions import IqTimeout
+
+    delivery, client = delivery_for()
+    client.answer_pings = False
+    receipt = delivery.put("alice@example.org", "chat", "hello")
+    await pumped(delivery, client, 1)
+    client.pending.pop().set_exception(IqTimeout(None))
+    await asyncio.sleep(0)
+    assert client.aborted == 1 and not receipt.done()              # the connection goes, not the message
+    delivery.session_ended()
+    client.answer_pings = True
+    assert await pumped(delivery, client, 2) == [("alice@example.org", "hello")] * 2
+    assert receipt.done() and receipt.result() is None
 
 
 async def test_with_stream_management_the_receipt_waits_for_the_ack_of_every_stanza() -> None:
@@ -498,11 +518,11 @@ async def test_a_person_is_sent_to_at_each_bare_jid_and_never_to_a_room_or_a_nic
         await transport.send(Person("xmpp", "other", "alice", ("alice@example.org",)), "hello")
 
     receipt = await transport.send(Person("xmpp", NET, "alice", ("Alice@Example.org", "alice@example.org",
-                                                                 "alice@work.example.org")),
+                                                                 "alice@work.example.org"), handle=f"{ROOM}/alice"),
                                    Outgoing(text="release 1.2 is out", subject="ignored in chat"))
     assert [(key, m.body) for key, m in transport._delivery.queue] == [
         (("alice@example.org", "chat"), "release 1.2 is out"),       # once per account, normalised
-        (("alice@work.example.org", "chat"), "release 1.2 is out")]
+        (("alice@work.example.org", "chat"), "release 1.2 is out")]       # never the nick it was seen as
     assert not receipt.done()
     assert not transport.ready                                       # not started: not connected
     await transport.close(flush_timeout=0)

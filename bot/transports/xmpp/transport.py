@@ -44,7 +44,7 @@ PING_TIMEOUT = 30.0            # at most; shorter when the keepalive is
 
 class XmppTransport:
     """One XMPP account: direct messages plus the configured rooms (see
-    ``delivery`` for what "delivered once" means)."""
+    ``delivery`` for what a receipt means)."""
 
     protocol = PROTOCOL
 
@@ -123,7 +123,9 @@ class XmppTransport:
         its receipt (``delivery`` says when it settles).  Never truncated (an
         overlong line is split), but capped per target (``max_queued_lines``).
         A ``Person`` gets a chat message at each of their bare JIDs: the server
-        routes it to that account's resources only, or stores it offline.  Raises
+        routes it to that account's resources only, or stores it offline (so
+        never ``Offline``); their ``handle`` hint is not used, as a room nick is
+        nobody's identity and the bare JID reaches every resource.  Raises
         TransportError only for a target of another network."""
         if target.protocol != PROTOCOL or target.network != self.network:
             raise TransportError(f"xmpp {self.network}: cannot send to {target}")
