@@ -21,6 +21,7 @@ from engine.participant_runtime import ParticipantEnv
 from engine.participants import ParticipantRegistry
 from engine.store import Store
 from notifiers.outbox import Outbox, Settings
+from notifiers.routing import Flusher, Routing
 from participants import discover
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ class App:
     router: Router = field(init=False)
     transports: list[Any] = field(default_factory=list)
     outbox: Outbox = field(init=False)
+    routing: Routing = field(init=False)
+    flusher: Flusher = field(init=False)
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -98,13 +101,27 @@ class App:
         env = ParticipantEnv(config=cfg.participant_config, users=directory, outbox=self.outbox)
         self.engine = Engine(self.store, cfg.specs, self.participants, schedules=cfg.schedules,
                              timezone=cfg.timezone, participant_env=env)
+        self.routing = Routing(self.store, self.outbox, cfg.notifications, timezone=cfg.timezone)
+        self.engine.watch(self.routing.rows_for)       # events routed in the commit that makes them
+        self.flusher = Flusher(self.routing)
+        book = cfg.book
+        mail_networks = set(book.email_networks())
+
+        def fallback_to(user: str) -> str | None:
+            if user not in self.routing.fallback:
+                return None
+            on = sorted(book.users.get(user, frozenset()) & mail_networks)
+            return on[0] if on else None
+        self.outbox.fallback_to = fallback_to
         self.dispatcher = Dispatcher(self.engine, directory, default_registry(),
-                                     cooldown=Cooldown(cfg.rate_commands, cfg.rate_window), outbox=self.outbox)
+                                     cooldown=Cooldown(cfg.rate_commands, cfg.rate_window), outbox=self.outbox,
+                                     routing=self.routing)
         self.router = Router(self.dispatcher, max_room_lines=cfg.max_room_lines)
 
     async def start(self, extra_transports: list[Any] = ()) -> None:  # type: ignore[assignment]
         await asyncio.to_thread(self.store.open)
         await self.outbox.open()            # its tables exist before any step can write to them
+        await self.routing.open()           # and the subscriptions are known before any event
         await self.engine.start()
         tune_gc()
         log.info("engine ready: %s, database %s", self.config.summary(), self.config.database)
@@ -123,11 +140,13 @@ class App:
         # any committed transition may have queued messages (a notify step, a watcher's routes)
         self.engine.bus.subscribe(self._committed)
         await self.outbox.start()
+        await self.flusher.start()
 
     async def _committed(self, _event: Any) -> None:
         self.outbox.wake()
 
     async def stop(self) -> None:
+        await self.flusher.stop()
         await self.outbox.stop()
         for transport in self.transports:
             try:

@@ -26,6 +26,7 @@ from bot.pacing import Cooldown
 from bot.rendering import detail_lines, history_line, schedule_line, summary_line
 from engine.errors import Refusal
 from notifiers.destinations import Address
+from notifiers.routes import DIGESTS, pattern_problem
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class Context:
     engine: Any
     registry: Registry
     outbox: Any = None                 # notifiers.outbox.Outbox, if the bot has one
+    routing: Any = None                # notifiers.routing.Routing, if the bot has one
     durable: bool = False              # the reply was written to the outbox with the change it reports
 
     async def acknowledged(self, change: Callable[[Any], Awaitable[R]], text: Callable[[R], str]) -> list[str]:
@@ -145,6 +147,7 @@ class Dispatcher:
     cooldown: Cooldown | None = None
     clock: Callable[[], float] = time.monotonic
     outbox: Any = None
+    routing: Any = None
 
     async def handle(self, message: Message) -> Response:
         caller = self.directory.resolve(message.sender)
@@ -175,7 +178,7 @@ class Dispatcher:
                                  "so I cannot tell who you are; send me a direct message instead"], ok=False)
             return Response([f"not authorised: {spec.name} needs a verified, known user "
                              f"({caller.describe()}); try: whoami"], ok=False)
-        ctx = Context(caller, message, args[1:], spec, self.engine, self.registry, self.outbox)
+        ctx = Context(caller, message, args[1:], spec, self.engine, self.registry, self.outbox, self.routing)
         try:
             lines = await spec.handler(ctx)
         except NotAuthorised as exc:
@@ -393,6 +396,108 @@ async def cmd_outbox(ctx: Context) -> list[str]:
              for n in networks]
     lines += [outbox_line(r, f"waiting: {r.error}" if r.error else "waiting") for r in stats.oldest]
     return lines
+
+
+def _routing(ctx: Context) -> Any:
+    if ctx.routing is None:
+        raise CommandError("this bot has no notifications")
+    return ctx.routing
+
+
+def known_projects(ctx: Context) -> set[str]:
+    """Projects the bot knows: those of the process definitions and of the routes, with their parents."""
+    names = {spec.project for spec in ctx.engine.specs.values() if spec.project}
+    names |= {p for p in (ctx.routing.config.projects if ctx.routing else ()) if p != "*"}
+    return {":".join(n.split(":")[:i]) for n in names for i in range(1, len(n.split(":")) + 1)}
+
+
+@command("subscribe <project> <event-pattern> [via <network>] [digest hourly|daily]",
+         "be told of a project's events (failed, completed, \"publish *\", ...), on the network you ask from "
+         "or via another; digest: one message per hour or day")
+async def cmd_subscribe(ctx: Context) -> list[str]:
+    routing = _routing(ctx)
+    args = list(ctx.args)
+    if len(args) < 2:
+        raise ctx.usage_error("expected a project and an event pattern")
+    project, pattern, rest = args[0], args[1], args[2:]
+    network, digest = ctx.message.sender.network, ""
+    while rest:
+        if rest[0] == "via" and len(rest) >= 2:
+            network, rest = rest[1], rest[2:]
+        elif rest[0] == "digest" and len(rest) >= 2 and rest[1] in DIGESTS:
+            digest, rest = rest[1], rest[2:]
+        else:
+            raise ctx.usage_error(f"unexpected {sanitise(rest[0], 30)!r}")
+    known = known_projects(ctx)
+    if project != "*" and project not in known:
+        raise ctx.usage_error(f"unknown project {sanitise(project, 40)!r} (known: {', '.join(sorted(known)) or 'none'})")
+    problem = pattern_problem(pattern, ())
+    if problem:
+        raise ctx.usage_error(problem)
+    user = ctx.user
+    if not (user.reads_everything if project == "*" else user.may_read(project)):
+        raise NotAuthorised(f"not authorised: you have no role on {project}, so you may not follow it")
+    if ctx.message.sender.protocol == "console" and "via" not in args:
+        raise ctx.usage_error("the console cannot be told later: say via <network>")
+    book = ctx.outbox.book if ctx.outbox is not None else None
+    if book is not None and network not in book.users.get(user.name, frozenset()):
+        on = ", ".join(sorted(book.users.get(user.name, frozenset()))) or "none"
+        raise ctx.usage_error(f"you have no identity on network {sanitise(network, 30)!r} in users.yaml "
+                              f"(yours: {on})")
+    sub = await routing.subscribe(user.name, project, pattern, network, digest)
+    return [f"subscribed: {sub.describe()}"]
+
+
+@command("unsubscribe <n>", "drop one of your subscriptions (see: subscriptions)")
+async def cmd_unsubscribe(ctx: Context) -> list[str]:
+    routing = _routing(ctx)
+    if len(ctx.args) != 1 or not _ID.fullmatch(ctx.args[0].lstrip("[").rstrip("]")):
+        raise ctx.usage_error("expected the number of one of your subscriptions")
+    sub = await routing.unsubscribe(ctx.user.name, int(ctx.args[0].lstrip("[").rstrip("]")))
+    if sub is None:
+        raise CommandError(f"you have no subscription {sanitise(ctx.args[0], 20)}; see: subscriptions")
+    return [f"unsubscribed: {sub.describe()}"]
+
+
+@command("subscriptions", "your subscriptions, and whether chat falls back to mail")
+async def cmd_subscriptions(ctx: Context) -> list[str]:
+    routing = _routing(ctx)
+    if ctx.args:
+        raise ctx.usage_error("unexpected arguments")
+    subs = routing.subscriptions(ctx.user.name)
+    fallback = "on" if ctx.user.name in routing.fallback else "off"
+    return [s.describe() for s in subs] + [f"{len(subs)} subscription(s); fallback email {fallback}"]
+
+
+@command("fallback email on|off", "while you are offline on a chat network, get its notifications by mail")
+async def cmd_fallback(ctx: Context) -> list[str]:
+    routing = _routing(ctx)
+    if len(ctx.args) != 2 or ctx.args[0] != "email" or ctx.args[1] not in ("on", "off"):
+        raise ctx.usage_error("expected: fallback email on, or fallback email off")
+    on = ctx.args[1] == "on"
+    if on and not ctx.user.emails:
+        raise CommandError("you have no mail address in users.yaml")
+    await routing.set_fallback(ctx.user.name, on)
+    return [f"fallback email {'on: chat notifications come by mail while you are offline' if on else 'off'}"]
+
+
+@command("notify test <project>", "send a test message along a project's routes and say where it went")
+async def cmd_notify(ctx: Context) -> list[str]:
+    routing = _routing(ctx)
+    if len(ctx.args) != 2 or ctx.args[0] != "test":
+        raise ctx.usage_error("expected: notify test <project>")
+    project = ctx.args[1]
+    known = known_projects(ctx)
+    if project not in known:
+        raise ctx.usage_error(f"unknown project {sanitise(project, 40)!r} (known: {', '.join(sorted(known)) or 'none'})")
+    if not ctx.user.roles_on(project):
+        raise NotAuthorised(f"not authorised: you have no role on {project}")
+    ops, where = routing.test_rows(project, ctx.user.name, f"test {uuid.uuid4().hex}")
+    if not where:
+        return [f"{project} has no routes (bot.yaml notifications: projects:)"]
+    await ctx.outbox.storage.write(*ops)
+    ctx.outbox.wake()
+    return [f"test message queued for {len(where)} destination(s): {', '.join(where)} (see: outbox)"]
 
 
 def outbox_line(row: Any, state: str) -> str:

@@ -24,9 +24,10 @@ from engine.schedules import ScheduleSpec
 from engine.yamlconfig import ConfigError, Node, Problem, load_yaml
 from engine.cron import check_cron
 from notifiers.destinations import BadDestination, Book
+from notifiers.routes import NotificationConfig, parse_notifications
 
 BOT_KEYS = ("database", "durability", "timezone", "misfire", "log_level", "console", "commands",
-            "schedules", "networks", "participants", "outbox")
+            "schedules", "networks", "participants", "outbox", "notifications")
 MISFIRES = ("run_once", "skip")
 
 
@@ -59,6 +60,7 @@ class BotConfig:
     participant_config: dict[str, Any] = field(default_factory=dict)   # name -> its check_config's result
     warnings: list[Problem] = field(default_factory=list)    # printed by check, logged at start
     outbox: Any = None                                   # the outbox: settings (bot.yaml outbox:)
+    notifications: NotificationConfig = field(default_factory=NotificationConfig)
 
     @property
     def book(self) -> Book:
@@ -315,8 +317,10 @@ def load_config(conf_dir: Path, participants: Mapping[str, ParticipantChecks] | 
                                                         f"console user {console_user!r} is not defined in users.yaml")
 
     outbox = _outbox_settings(top)
+    notifications = NotificationConfig()
     if users_parsed:
         book = make_book(networks, users)
+        notifications = parse_notifications(top, book)
         for spec in specs.values():
             for step in spec.steps.values():
                 checker = checks.get(step.participant or "")
@@ -332,7 +336,7 @@ def load_config(conf_dir: Path, participants: Mapping[str, ParticipantChecks] | 
                      console_user=console_user, prefix=prefix, max_room_lines=max_room_lines,
                      rate_commands=rate_commands, rate_window=rate_window, schedules=schedules,
                      networks=networks, users=users, specs=specs, participant_config=participant_config,
-                     warnings=sorted(findings.warnings), outbox=outbox)
+                     warnings=sorted(findings.warnings), outbox=outbox, notifications=notifications)
 
 
 @dataclass(frozen=True)

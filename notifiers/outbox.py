@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from bot.chat import NotDelivered, Outgoing, Person, Room, Target, TransportError, Undeliverable
+from bot.chat import NotDelivered, Offline, Outgoing, Person, Room, Target, TransportError, Undeliverable
 from engine.participant_runtime import Storage
 from engine.store import Op, Store
 from notifiers.destinations import Address, Book
@@ -62,7 +62,7 @@ MIGRATIONS = (
         message_id TEXT NOT NULL,         -- stable across retries
         in_reply_to TEXT NOT NULL DEFAULT '',
         refs TEXT NOT NULL DEFAULT '',
-        state TEXT NOT NULL DEFAULT 'queued',   -- queued | delivered | failed
+        state TEXT NOT NULL DEFAULT 'queued',   -- queued | delivered | failed | rerouted (by mail, offline)
         attempts INTEGER NOT NULL DEFAULT 0,
         next_at REAL NOT NULL DEFAULT 0,
         error TEXT NOT NULL DEFAULT '',
@@ -134,6 +134,9 @@ class Outbox:
         self._nudge: dict[str, asyncio.Event] = {}
         self._scanner: asyncio.Task[None] | None = None
         self._stopping = False
+        self.fallback_to: Callable[[str], str | None] = lambda user: None
+        """user -> the email network to use while they are offline on a chat
+        network (``fallback email on``), or None to wait for them."""
         self._sending = 0                        # messages handed to a front-end, not yet settled
         self.delivered = 0                       # counters, for benchmarks and logs
         self.failed = 0
@@ -267,6 +270,12 @@ class Outbox:
             await asyncio.wait_for(asyncio.shield(receipt), self.settings.confirm_timeout)
         except Undeliverable as exc:
             await self._fail(row, str(exc))
+        except Offline as exc:
+            mail = self.fallback_to(row.target) if row.kind == "user" and row.network != "" else None
+            if mail is not None and self.book.networks.get(row.network) != "email":
+                await self._reroute(row, mail, str(exc))
+            else:
+                await self._later(row, str(exc))
         except (NotDelivered, TransportError) as exc:
             await self._later(row, str(exc))
         except asyncio.TimeoutError:
@@ -302,6 +311,26 @@ class Outbox:
         await self._mark(row.id, "UPDATE outbox_messages SET attempts = ?, next_at = ?, error = ? "
                                  "WHERE id = ? AND state = 'queued'", attempts, self.clock() + delay, why[:500],
                          row.id)
+
+    async def _reroute(self, row: Row, network: str, why: str) -> None:
+        """The user is offline on a chat network and wants mail meanwhile: one
+        commit marks this row done and queues the mail."""
+        log.info("outbox: %s is offline (%s); message %d goes by mail", row.target, why, row.id)
+        cause = f"fallback {row.id}"
+        ops = self.rows(cause, [Address("user", network, row.target)], row.text,
+                        subject=row.subject or row.text.split("\n", 1)[0][:120], body=row.body or row.text,
+                        origin=f"{row.origin} (offline on {row.network})")
+        ops.append(self.storage.op("UPDATE outbox_messages SET state = 'rerouted', done_at = ?, error = ? "
+                                   "WHERE id = ? AND state = 'queued'", self.clock(),
+                                   f"offline on {row.network}: sent by mail"[:500], row.id))
+        while True:
+            try:
+                await self.storage.write(*ops)
+                break
+            except Exception:
+                log.exception("outbox: cannot reroute message %d; trying again", row.id)
+                await asyncio.sleep(1.0)
+        self.wake()
 
     async def _fail(self, row: Row, why: str) -> None:
         log.warning("outbox: message %d to %s failed: %s", row.id, row.dest, why)

@@ -24,7 +24,8 @@ ADAPTER_TOOLKIT = ("bot.chat", "bot.addressing", "bot.network", "bot.outqueue", 
 # What configuration parsing may use: never the engine's runtime (engine.engine, the store, the timers).
 CONFIG_PARSING = ("bot.access", "engine.configkit", "bot.transports", "bot.chat", "engine.definitions",
                   "engine.schedules", "engine.yamlconfig", "engine.durations", "engine.templating",
-                  "engine.errors", "engine.cron", "notifiers.destinations")
+                  "engine.errors", "engine.cron", "notifiers.destinations",
+                  "notifiers.routes")
 
 LAYERS: dict[str, tuple[str, ...]] = {
     "engine": ("engine",),                                   # the inner layer: nothing outer

@@ -168,8 +168,11 @@ async def test_a_network_that_is_down_waits_and_gives_up_only_after_give_up(tmp_
         await asyncio.sleep(0.2)
         clock.advance(3601)
         irc.ready = True
-        await asyncio.sleep(0.5)
-        failed = await outbox.failures()
+        for _ in range(100):
+            failed = await outbox.failures()
+            if failed:
+                break
+            await asyncio.sleep(0.05)
         assert failed and failed[0].text == "late" and "not delivered within" in failed[0].error
     finally:
         await outbox.stop()

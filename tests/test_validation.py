@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PARTICIPANTS = ParticipantRegistry(discover()).names()
 KNOWN = ", ".join(sorted(PARTICIPANTS))
 EXPRESSIONS = "participant, sequence, concurrence, if, wait, repeat, for_each, subprocess, set, terminate, error"
-BOT_KEYS = "database, durability, timezone, misfire, log_level, console, commands, schedules, networks, participants, outbox"
+BOT_KEYS = "database, durability, timezone, misfire, log_level, console, commands, schedules, networks, participants, outbox, notifications"
 BAD_DURATION = "expected e.g. 90s, 4h, 2d, 1h30m"
 P = "conf/processes/p.yaml"   # how a definition written by proc_problems() is named in problems
 
