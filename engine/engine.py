@@ -773,7 +773,7 @@ class Engine:
                 reply = Reply.failed(f"{type(exc).__name__}: {exc}")
         path, key = wi.path, wi.key
         if reply.kind == "pending":
-            await self._transact([(wi.instance_id, lambda i, tx: i.on_pending(tx, path, key) if i else False)])
+            await self._transact([(wi.instance_id, lambda i, tx: i.on_pending(tx, path, key, reply) if i else False)])
         else:
             await self._transact([(wi.instance_id,
                                    lambda i, tx: i.on_reply(tx, path, key, reply) if i else False)])
@@ -809,10 +809,6 @@ class Engine:
                 except Exception:
                     log.exception("#%d %s: participant %s failed on timer %s", row.instance_id, row.step,
                                   row.participant, timer.event)
-        if reply is not None and reply.kind not in ("done", "failed"):
-            log.warning("#%d %s: timer %s answered %s; only done or failed answer a step",
-                        timer.instance_id, row.step if row else timer.path, timer.event, reply.kind)
-            reply = None
         if reply is None or row is None:
             await self.store.commit(self.store.timer_ops([DropTimer(timer)]))
             return
@@ -820,7 +816,11 @@ class Engine:
 
         def act(inst: Instance | None, tx: Transition) -> bool:
             tx.timer_ops.append(DropTimer(timer))   # first: the answer may re-arm the same timer
-            return inst.on_reply(tx, path, wkey, answer, actor) if inst else False
+            if inst is None:
+                return False
+            if answer.kind == "pending":            # still waiting: what the timer did is written with its end
+                return inst.on_note(tx, path, wkey, answer)
+            return inst.on_reply(tx, path, wkey, answer, actor)
         await self._transact([(timer.instance_id, act)])
 
     # -- timers ------------------------------------------------------------------

@@ -180,14 +180,32 @@ class Instance:
         self._end()
         return True
 
-    def on_pending(self, tx: Transition, path: str, key: str) -> bool:
+    def on_note(self, tx: Transition, path: str, key: str, reply: Reply) -> bool:
+        """A participant still waiting wrote something (a reminder sent): its
+        ops and events, if the step is still open."""
+        run = self.runs.get(path)
+        if run is None or run.key != key or run.state not in OPEN:
+            return False
+        self._begin(tx)
+        tx.extra.extend(reply.ops)
+        for kind, detail in reply.events:
+            self._history(self.spec.step(path), kind, "", detail)
+        self._end()
+        return True
+
+    def on_pending(self, tx: Transition, path: str, key: str, reply: Reply | None = None) -> bool:
         run = self.runs.get(path)
         if run is None or run.key != key or run.state is not RunState.DISPATCHED:
             return False
         self._begin(tx)
         run.state = RunState.PENDING
         tx.pending.append(key)
-        self._history(self.spec.step(path), "pending")
+        step = self.spec.step(path)
+        if reply is not None:
+            tx.extra.extend(reply.ops)
+            for kind, detail in reply.events:
+                self._history(step, kind, "", detail)
+        self._history(step, "pending")
         self._end()
         return True
 

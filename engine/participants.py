@@ -74,8 +74,11 @@ class Reply:
         return Reply("failed", error=error or "failed", ops=tuple(ops), events=_events(events))
 
     @staticmethod
-    def pending() -> "Reply":
-        return Reply("pending")
+    def pending(*, ops: Sequence[Op] = (), events: Sequence[tuple[str, str]] = ()) -> "Reply":
+        """Keep the workitem; ``ops`` and ``events`` are written with the step's
+        "pending" (a question asked: its rows and messages, durable exactly
+        when the step is known to wait)."""
+        return Reply("pending", ops=tuple(ops), events=_events(events))
 
 
 EVENT_KIND = re.compile(r"[a-z][a-z0-9]*(?: [a-z0-9]+){0,4}")
@@ -219,7 +222,9 @@ class Participant:
         per timer (again after a crash before its end was recorded): ``timer_id``
         is the same on every delivery of one timer and differs between the two
         ``remind`` timers, so a participant can act once per timer.  Return a
-        done or failed Reply to answer the step."""
+        done or failed Reply to answer the step, or ``Reply.pending(ops=...,
+        events=...)`` to keep waiting and have what the timer did (a reminder's
+        messages) written with the timer's end, in one commit."""
         return None
 
     async def cancel(self, workitem: Workitem) -> None:

@@ -135,8 +135,8 @@ def test_bot_yaml_sections_are_checked_by_their_participants(tmp_path: Path) -> 
         "conf/bot.yaml:10: participants command: timeout: bad duration 'forever': expected e.g. 90s, 4h, 2d, 1h30m",
         "conf/bot.yaml:11: participants command: unknown key 'colour' (expected allow, timeout, kill_grace, "
         "max_output, env, pass_env)",
-        "conf/bot.yaml:12: participants: unknown participant 'nosuch' (known: command, echo, fail, hold, probe, "
-        "record, sleep)",
+        "conf/bot.yaml:12: participants: unknown participant 'nosuch' (known: "
+        + ", ".join(sorted(registry.names())) + ")",
     ]
     # names alone still catch an unknown participant
     with pytest.raises(ConfigError, match="unknown participant 'nosuch'"):
