@@ -152,7 +152,8 @@ class Transport(Protocol):
         """Queue a message for delivery (paced; lines unconfirmed when a connection
         dies are sent again after reconnecting) and return its receipt: a future
         that resolves once the server confirmed the whole message (IRC: its echo,
-        or the answer to a PING written after it; XMPP: the XEP-0198 ack; mail:
+        or the answer to a PING written after it; XMPP: the XEP-0198 ack, or on a
+        server without it the answer to a ping written after the message; mail:
         the 250 after DATA), or fails with NotDelivered (try again later) or
         Undeliverable (never).  Callers that do not care need not await it; an
         adapter must not log a failed receipt nobody awaited as an error.

@@ -267,7 +267,9 @@ class Outbox:
         try:
             target = self._target(row)
             receipt = await transport.send(target, self._outgoing(row))
-            await asyncio.wait_for(asyncio.shield(receipt), self.settings.confirm_timeout)
+            # on timeout the receipt is cancelled: the front-end withdraws what it has not written yet,
+            # so the try that follows does not add a second copy to one still queued
+            await asyncio.wait_for(receipt, self.settings.confirm_timeout)
         except Undeliverable as exc:
             await self._fail(row, str(exc))
         except Offline as exc:

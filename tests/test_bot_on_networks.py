@@ -153,7 +153,7 @@ async def test_humans_on_irc_and_xmpp_drive_one_engine_as_themselves_and_no_one_
         [refused] = await ask_irc(dave, "!launch waits")
         assert refused.startswith("not authorised"), refused
 
-        assert await ask_irc(carol, f"{NICK}: launch waits ticket=7") == ["launched waits as #1"]
+        assert await ask_irc(carol, f"{NICK}: launch waits ticket=7") == ["launched waits as #1 (re: launch waits ticket=7)"]
 
         # The same engine, seen from XMPP by carol's JID; a stranger's JID is refused.
         alice = await xmpp_human("alice")
@@ -162,7 +162,7 @@ async def test_humans_on_irc_and_xmpp_drive_one_engine_as_themselves_and_no_one_
         assert " is carol, verified by " in await alice.ask(bot_jid, "whoami")
         mallory = await xmpp_human("mallory")
         assert (await mallory.ask(bot_jid, "cancel 1")).startswith("not authorised")
-        assert (await alice.ask(bot_jid, "cancel 1")) == "cancelled #1"
+        assert (await alice.ask(bot_jid, "cancel 1")) == "cancelled #1 (re: cancel 1)"
 
         [shown] = await ask_irc(carol, "!ps all")
         assert shown.startswith("#1 waits cancelled"), shown
@@ -236,13 +236,13 @@ async def test_hostile_input_on_real_networks_gets_a_reply_and_forges_no_log_rec
             [answer] = await ask_irc(carol, command)
             assert answer.startswith("bad instance id"), answer
         [launched] = await ask_irc(carol, "!launch greet 'who=x\x1b[2J\x07'")
-        assert launched == "launched greet as #1"
+        assert launched.startswith("launched greet as #1 (re: launch greet ")
 
         alice = await xmpp_human("alice")
         bot_jid = prosody.jid("bot")
         huge = await alice.ask(bot_jid, "launch greet n=" + "9" * 5000, timeout=10)
         assert huge.startswith("n: ") and "is too large a number" in huge, huge[:120]
-        assert await alice.ask(bot_jid, f"launch greet 'who=x\n{FORGED}\r'") == "launched greet as #2"
+        assert (await alice.ask(bot_jid, f"launch greet 'who=x\n{FORGED}\r'")).startswith("launched greet as #2 (re: ")
         assert (await alice.ask(bot_jid, "show ²")).startswith("bad instance id")
         [line] = bot.ask("history 2")[2:3]
         assert "FORGED" in line
