@@ -62,6 +62,7 @@ MIGRATIONS = (
         message_id TEXT NOT NULL,         -- stable across retries
         in_reply_to TEXT NOT NULL DEFAULT '',
         refs TEXT NOT NULL DEFAULT '',
+        reply_to TEXT NOT NULL DEFAULT '',   -- a single-use reply address (mail to a user)
         state TEXT NOT NULL DEFAULT 'queued',   -- queued | delivered | failed | rerouted (by mail, offline)
         attempts INTEGER NOT NULL DEFAULT 0,
         next_at REAL NOT NULL DEFAULT 0,
@@ -74,9 +75,10 @@ MIGRATIONS = (
 )
 
 _INSERT = ("INSERT OR IGNORE INTO outbox_messages (dedupe, dest, kind, network, target, hint, project, origin, "
-           "text, subject, body, message_id, in_reply_to, refs, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+           "text, subject, body, message_id, in_reply_to, refs, reply_to, created) "
+           "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
 _COLUMNS = ("id, dest, kind, network, target, text, subject, body, message_id, in_reply_to, refs, attempts, "
-            "next_at, created, origin, error, hint")
+            "next_at, created, origin, error, hint, reply_to")
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ class Row:
     origin: str
     error: str
     hint: str
+    reply_to: str
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,9 @@ class Stats:
 
 Reach = Callable[[str, str], "Person | None"]
 """(user name, network) -> how to reach that user there now, or None."""
+IssueToken = Callable[[str, str, str, str, float], tuple[str, Sequence[Op]]]
+"""(email network, user, purpose, what it refers to, expires) -> a single-use
+reply address and the ops that store it (the email front-end's tokens)."""
 
 
 class Outbox:
@@ -134,6 +140,9 @@ class Outbox:
         self._nudge: dict[str, asyncio.Event] = {}
         self._scanner: asyncio.Task[None] | None = None
         self._stopping = False
+        self.issue_token: IssueToken | None = None
+        """Set by the app when the email front-end takes replies: every mail to
+        a user then carries a single-use reply address."""
         self.fallback_to: Callable[[str], str | None] = lambda user: None
         """user -> the email network to use while they are offline on a chat
         network (``fallback email on``), or None to wait for them."""
@@ -149,24 +158,33 @@ class Outbox:
 
     def rows(self, cause: str, to: Iterable[str | Address], text: str, *, subject: str = "", body: str = "",
              in_reply_to: str = "", references: Sequence[str] = (), origin: str = "",
-             project: str | None = None, hint: str = "") -> list[Op]:
+             project: str | None = None, hint: str = "", reply: tuple[str, str, float] | None = None) -> list[Op]:
         """The statements that queue a message for every destination in ``to``
         (text is resolved with ``destinations.Book.resolve``: BadDestination
         says why one cannot work): ``text`` for chat; ``subject`` and ``body``
         (default: the text) for mail.  ``cause`` identifies what the message
         is about (an event, a step, a command): with the destination it is
         the dedupe key, so the same cause never queues two messages to one
-        destination."""
+        destination.  A mail to a user carries a single-use reply address
+        (when the email front-end takes replies): for ``reply`` = (purpose,
+        what it refers to, expires), e.g. a question; else a thread of its own."""
         now = self.clock()
         values = []
+        extra: list[Op] = []
         for dest in to:
             for address in (self.book.resolve(dest) if isinstance(dest, str) else [dest]):
                 dedupe = f"{cause}|{address.key}"
+                reply_to = ""
+                if (address.kind == "user" and self.issue_token is not None
+                        and self.book.networks.get(address.network) == "email"):
+                    purpose, ref, expires = reply or ("thread", dedupe, now + 30 * 86400.0)
+                    reply_to, ops = self.issue_token(address.network, address.target, purpose, ref, expires)
+                    extra += ops
                 values.append((dedupe, address.key, address.kind, address.network, address.target,
                                hint if address.kind == "user" else "", project,
                                origin[:200], text, subject, body, self.message_id(dedupe), in_reply_to,
-                               " ".join(references), now))
-        return [(_INSERT, values, True)] if values else []
+                               " ".join(references), reply_to, now))
+        return ([(_INSERT, values, True)] if values else []) + extra
 
     def message_id(self, dedupe: str) -> str:
         digest = hashlib.sha256(dedupe.encode("utf-8")).hexdigest()[:32]
@@ -298,11 +316,11 @@ class Outbox:
             raise Undeliverable(f"{row.target} has no identity on {row.network} (users.yaml)")
         return dataclasses.replace(person, handle=row.hint) if row.hint else person
 
-    @staticmethod
-    def _outgoing(row: Row) -> Outgoing:
-        return Outgoing(row.body or row.text if row.kind == "mail" else row.text, subject=row.subject,
+    def _outgoing(self, row: Row) -> Outgoing:
+        mail = self.book.networks.get(row.network) == "email"
+        return Outgoing(row.body or row.text if mail else row.text, subject=row.subject,
                         message_id=row.message_id, in_reply_to=row.in_reply_to,
-                        references=tuple(row.refs.split()) if row.refs else ())
+                        references=tuple(row.refs.split()) if row.refs else (), reply_to=row.reply_to)
 
     async def _later(self, row: Row, why: str) -> None:
         attempts = row.attempts + 1
