@@ -97,8 +97,8 @@ async def test_a_question_token_is_spent_once_even_when_two_answers_race(tokens:
     whole, so its effect (here a row in the inbox) is not written either."""
     address = await issued(tokens, email_storage, "alice", "question", "approval 7")
     inbox = Inbox(email_storage)
-    await inbox.accept("mid:a", "smtp", b"a")
-    await inbox.accept("mid:b", "smtp", b"b")
+    await inbox.accept("smtp", b"Message-ID: <a>\r\n\r\nyes")
+    await inbox.accept("smtp", b"Message-ID: <b>\r\n\r\nno")
     first, second = await inbox.pending()
     v1 = await tokens.check([address], "alice@example.org", USERS)
     v2 = await tokens.check([address], "alice@example.org", USERS)
@@ -145,19 +145,21 @@ async def test_bad_arguments_are_refused(email_storage: Storage) -> None:
 
 async def test_the_inbox_keeps_one_row_per_key_until_handled(email_storage: Storage) -> None:
     inbox = Inbox(email_storage)
-    assert Inbox.key_for("m1@x", b"raw") == "mid:m1@x"
-    assert Inbox.key_for(None, b"raw", "imap:5:9") == "imap:5:9"
-    assert Inbox.key_for(None, b"raw").startswith("sha256:")
-    assert await inbox.accept("mid:m1@x", "smtp", b"one", "alice@example.org", ["bot@example.org"])
-    assert not await inbox.accept("mid:m1@x", "imap", b"again")
+    one = b"Subject: x\r\nMessage-ID: <m1@x>\r\n\r\none"
+    assert Inbox.key_for(one) == Inbox.key_for(one, "imap:5:9") == "mid:m1@x"
+    assert Inbox.key_for(b"Subject: x\r\n\r\none", "imap:5:9") == "imap:5:9"
+    assert Inbox.key_for(b"Message-ID: <a@x>\r\nMessage-ID: <b@x>\r\n\r\n").startswith("sha256:")
+    assert await inbox.accept("smtp", one, envelope_from="alice@example.org", envelope_to=["bot@example.org"]) \
+        == "mid:m1@x"
+    assert await inbox.accept("imap", one.replace(b"one", b"again"), fallback_key="imap:5:9") is None
     [row] = await inbox.pending()
     assert (row.key, row.source, row.raw, row.envelope_from, row.envelope_to) == \
-        ("mid:m1@x", "smtp", b"one", "alice@example.org", ("bot@example.org",))
+        ("mid:m1@x", "smtp", one, "alice@example.org", ("bot@example.org",))
     await email_storage.write(inbox.handled(row.id, "launched #3"))
     assert await inbox.pending() == [] and await inbox.count() == (0, 1)
     with pytest.raises(StoreError):                      # handled twice: the second commit fails
         await email_storage.write(inbox.handled(row.id, "launched #4"))
-    assert not await inbox.accept("mid:m1@x", "smtp", b"a retry after the 250 was lost")
+    assert await inbox.accept("smtp", one) is None             # a retry after the 250 was lost
 
 
 # -- who sent it -------------------------------------------------------------------------

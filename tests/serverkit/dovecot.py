@@ -117,8 +117,9 @@ class Dovecot:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> "Dovecot":
-        self.proc = subprocess.Popen([self.binary, "-F", "-c", str(self.config)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # its own process group, so that a crash takes every Dovecot process with it
+        self.proc = subprocess.Popen([self.binary, "-F", "-c", str(self.config)], start_new_session=True,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(self.port, proc=self.proc)
         if self.tls_port:
             wait_port(self.tls_port, proc=self.proc)
@@ -136,9 +137,14 @@ class Dovecot:
         return self.root / "home" / user / "Maildir"
 
     def kill(self) -> None:
-        """SIGKILL the master, like a crash (its children exit with it)."""
+        """SIGKILL the whole server, like a crash of its machine.  The master's
+        process group: killed alone, its ``imap`` session processes serve their
+        clients on for ~10 s."""
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.proc.wait(5)
         self._wait_children_gone(5)
 
@@ -153,7 +159,10 @@ class Dovecot:
         self._wait_children_gone(5)
 
     def cleanup(self) -> None:
-        self.stop()
+        """Gone, with its files.  SIGKILL, not SIGTERM: a clean stop takes Dovecot
+        1.1 s, a kill 20 ms (its children follow the master), and the files go anyway."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill()
         if os.environ.get("KEEP_SERVER_DIRS") != "1":
             shutil.rmtree(self.root, ignore_errors=True)
 

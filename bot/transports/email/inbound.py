@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Callable, Collection, Mapping
 
 from bot.logsafety import sanitise
-from bot.transports.email.parse import Mail
+from bot.transports.email.parse import Mail, message_id_of
 from bot.transports.email.schema import Op, Storage
 from bot.transports.email.tokens import ReplyTokens, user_of
 from bot.transports.email.verify import Trust, verify
@@ -55,24 +55,27 @@ class Inbox:
         self._clock = clock
 
     @staticmethod
-    def key_for(message_id: str | None, raw: bytes, fallback: str | None = None) -> str:
+    def key_for(raw: bytes, fallback: str | None = None) -> str:
         """``mid:<Message-ID>``, else ``fallback`` (``imap:<uidvalidity>:<uid>``), else ``sha256:<hex>``."""
+        message_id = message_id_of(raw)
         if message_id:
             return f"mid:{message_id}"
         return fallback or "sha256:" + hashlib.sha256(raw).hexdigest()
 
-    async def accept(self, key: str, source: str, raw: bytes, envelope_from: str | None = None,
-                     envelope_to: Collection[str] = ()) -> bool:
-        """Write the mail, durably when this returns; False if a mail with this
-        key was already accepted (nothing is written)."""
+    async def accept(self, source: str, raw: bytes, *, fallback_key: str | None = None,
+                     envelope_from: str | None = None, envelope_to: Collection[str] = ()) -> str | None:
+        """Write the mail, durably when this returns, under its key (``key_for``),
+        and return the key; None if a mail with this key was already accepted
+        (nothing is written)."""
+        key = self.key_for(raw, fallback_key)
         known = await self._storage.query_one("SELECT 1 FROM email_inbox WHERE key = ?", key)
         if known is not None:
-            return False
+            return None
         await self._storage.write(self._storage.op(
             "INSERT INTO email_inbox (key, source, envelope_from, envelope_to, raw, received) "
             "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO NOTHING",
             key, source, envelope_from, ",".join(envelope_to), raw, self._clock()))
-        return True
+        return key
 
     async def pending(self, limit: int = 100) -> list[InboxRow]:
         """Accepted mail not yet handled, oldest first."""

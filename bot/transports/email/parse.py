@@ -126,7 +126,7 @@ def parse(raw: bytes, *, is_command: Callable[[str], bool], own_addresses: Colle
         command, source = stripped, "subject"
     elif answer is not None and is_command(answer):
         command, source = answer, "body"
-    refused = (f"message too large ({size} bytes, limit {max_bytes})" if too_large
+    refused = (f"message too large (over {max_bytes} bytes)" if too_large
                else None if sender is not None else f"no usable sender: {sender_problem}")
     return Mail(message_id=_first_id(msg.get_all("message-id")), sender=sender, sender_problem=sender_problem,
                 subject=subject, in_reply_to=_ids(msg.get_all("in-reply-to")),
@@ -135,6 +135,12 @@ def parse(raw: bytes, *, is_command: Callable[[str], bool], own_addresses: Colle
                                    if k.lower() == "authentication-results"),
                 text=text, command=command, command_source=source, answer=answer, comment=comment,
                 never_answer=never, refused=refused, size=size, notes=tuple(notes))
+
+
+def message_id_of(raw: bytes) -> str | None:
+    """The Message-ID of a mail not yet parsed (only its headers are read), or
+    None when it has none or two."""
+    return _first_id(message_from_bytes(_headers_only(raw[:MAX_BYTES])).get_all("message-id"))
 
 
 def strip_subject(subject: str) -> str:
