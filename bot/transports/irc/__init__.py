@@ -7,9 +7,12 @@ bot depends on is done here by hand, one job per module:
 * ``text``: casefolding per the server's CASEMAPPING, UTF-8 line splitting;
 * ``caps``: CAP LS 302 / REQ and SASL PLAIN, also late (services down at connect);
 * ``roster``: who shares a channel with the bot, from where, logged in as what
-  (IRCv3 account-tag, extended-join, account-notify, WHOX); a nick alone never counts;
+  (IRCv3 account-tag, extended-join, account-notify, WHOX); a nick alone never counts,
+  for a command's sender or for a ``bot.chat.Person`` the bot writes to;
 * ``delivery``: per-target fair queues, pacing, confirmation (echo-message or
-  marker PINGs), resending after a reconnect, private lines only to who asked;
+  marker PINGs), resending after a reconnect, private lines only to who asked,
+  refusals counted against the lines they refuse;
+* ``receipts``: the future ``send`` returns, settled by the server's confirmation;
 * ``session``: one connection, the library adapted and its events dispatched;
 * ``transport``: supervision (connect, reconnect with backoff, keepalive, the
   configured nick regained) and incoming lines turned into ``bot.chat.Message``.

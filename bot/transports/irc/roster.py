@@ -15,6 +15,7 @@ lines written right after it (``delivery.Writer`` says which).
 """
 from __future__ import annotations
 
+import fnmatch
 import logging
 from dataclasses import dataclass, field
 from typing import Callable
@@ -43,6 +44,7 @@ class Person:
     account: str | None = None           # services account; None: logged out
     account_known: bool = False          # learnt from extended-join, WHOX, account-notify or a tag
     channels: set[str] = field(default_factory=set)
+    nick: str = ""                       # as the server last wrote it
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,7 @@ class Roster:
         self.seen.pop(new_key, None)
         person = self.people.pop(old_key, None)
         if person is not None:
+            person.nick = new
             self.people[new_key] = person
         elif old_key != new_key:
             self.people.pop(new_key, None)
@@ -179,7 +182,7 @@ class Roster:
         key = self.fold(nick)
         person = self.people.get(key)
         if person is None:
-            person = self.people[key] = Person()
+            person = self.people[key] = Person(nick=nick)
         return person
 
     # -- questions -------------------------------------------------------------------------
@@ -192,17 +195,21 @@ class Roster:
             return None
         return person.account
 
-    def verify(self, nick: str, account: str | None, userhost: str | None, *, answered: bool = False) -> str:
+    def verify(self, nick: str, account: str | None, userhost: str | None, *, answered: bool = False,
+               more_accounts: tuple[str, ...] = ()) -> str:
         """Whether ``nick`` is still held by who asked: logged in as ``account``
-        or, without one, connected from ``userhost``.  OK, CHANGED (someone
-        else holds it), GONE (nobody), UNKNOWN (ask the server: ``ask``) or
-        UNCHECKABLE.  ``answered``: the server just answered a WHO about it;
-        otherwise only what stays current counts (someone in a shared channel)."""
+        (or one of ``more_accounts``: a person may have several; services
+        accounts compare without case) or, without one, connected from
+        ``userhost``.  OK, CHANGED (someone else holds it), GONE (nobody),
+        UNKNOWN (ask the server: ``ask``) or UNCHECKABLE.  ``answered``: the
+        server just answered a WHO about it; otherwise only what stays current
+        counts (someone in a shared channel)."""
         key = self.fold(nick)
         person = self.people.get(key)
+        wanted = {a.casefold() for a in (account, *more_accounts) if a is not None}
         if person is not None:
             if account is not None and person.account_known and self.tracks_accounts():
-                return OK if person.account == account else CHANGED
+                return OK if person.account is not None and person.account.casefold() in wanted else CHANGED
             if account is None and person.userhost is not None:
                 return OK if person.userhost == userhost else CHANGED
         seen = self.seen.get(key)
@@ -213,10 +220,38 @@ class Roster:
         if account is not None:
             if not seen.account_known:
                 return UNCHECKABLE
-            return OK if seen.account == account else CHANGED
+            return OK if seen.account is not None and seen.account.casefold() in wanted else CHANGED
         if seen.userhost is None:
             return UNCHECKABLE
         return OK if seen.userhost == userhost else CHANGED
+
+    def holder(self, accounts: tuple[str, ...], hostmasks: tuple[str, ...] = (), hint: str = ""
+               ) -> tuple[str, str | None, str | None] | None:
+        """The nick to reach a person by, from what stays current (people in a
+        shared channel), as ``(nick, account, userhost)``: one logged into one
+        of ``accounts`` (only while account-notify keeps logins current); else,
+        only if ``hostmasks`` are given, one whose nick!user@host matches one
+        (the weaker fallback users.yaml may allow).  Chosen deterministically:
+        ``hint`` (where they were last seen) first, then in the order of
+        ``accounts`` or ``hostmasks``, a nick that is the account's name first,
+        then by casefolded nick.  None: nobody is verified as theirs now."""
+        hint_key = self.fold(hint) if hint else None
+        if accounts and self.tracks_accounts():
+            order = {a.casefold(): i for i, a in reversed(list(enumerate(accounts)))}
+            by_account = [((key != hint_key, order[p.account.casefold()], key != self.fold(p.account), key),
+                           (p.nick or key, p.account, None))
+                          for key, p in self.people.items()
+                          if p.account_known and p.account is not None and p.account.casefold() in order]
+            if by_account:
+                return min(by_account, key=lambda item: item[0])[1]
+        if hostmasks:
+            by_mask = [((key != hint_key, i, key), (p.nick or key, None, p.userhost))
+                       for key, p in self.people.items() if p.userhost is not None
+                       for i, pattern in enumerate(hostmasks)
+                       if fnmatch.fnmatchcase(f"{p.nick or key}!{p.userhost}".lower(), pattern.lower())]
+            if by_mask:
+                return min(by_mask, key=lambda item: item[0])[1]
+        return None
 
     def ask(self, nick: str) -> str | None:
         """The WHO line to send about ``nick``, unless one is already on its way."""

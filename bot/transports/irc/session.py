@@ -158,7 +158,8 @@ class Session:
         return text_budget(self.nick, user, self.host, command, target)
 
     def verify(self, dest: Dest, answered: bool) -> str:
-        return self.roster.verify(dest.name, dest.account, dest.userhost, answered=answered)
+        return self.roster.verify(dest.name, dest.account, dest.userhost, answered=answered,
+                                  more_accounts=dest.more_accounts)
 
     def ask(self, nick: str) -> str | None:
         return self.roster.ask(nick)
@@ -411,15 +412,33 @@ class Session:
         self.owner.check_ready(self)
 
     _ev_channelisfull = _ev_inviteonlychan = _ev_bannedfromchan = _ev_badchannelkey = _join_failed
-    _ev_nosuchchannel = _ev_toomanychannels = _join_failed
+    _ev_toomanychannels = _join_failed
+
+    def _join_or_send_failed(self, event: Any) -> None:
+        """403 (no such channel) and 477 (a registered nick needed) answer a JOIN
+        or a message: ours for a channel we are joining are about the JOIN."""
+        channel = str(event.arguments[0]) if event.arguments else ""
+        if self.fold(channel) in self.pending_joins:
+            self._join_failed(event)
+        else:
+            self._not_delivered(event)
+
+    _ev_nosuchchannel = _ev_nochanmodes = _join_or_send_failed
 
     def _not_delivered(self, event: Any) -> None:
-        # The server processed the line and refused it: it is not sent again.
-        log.warning("%s: the server did not deliver a line to %s: %s", self.config.name,
-                    sanitise(str(event.arguments[0]) if event.arguments else "?"),
-                    sanitise(" ".join(map(str, event.arguments[1:]))))
+        # The server processed the line and refused it: it is not sent again, and
+        # its message fails (delivery counts the refusal at the next confirmation).
+        target = str(event.arguments[0]) if event.arguments else "?"
+        text = " ".join(map(str, event.arguments[1:])) or event.type
+        log.warning("%s: the server did not deliver a line to %s: %s", self.config.name, sanitise(target),
+                    sanitise(text))
+        self.owner.delivery.refused(target, text, self.fold)
 
-    _ev_cannotsendtochan = _ev_nosuchnick = _not_delivered
+    # 401 no such nick/channel, 402 no such server, 404 cannot send to channel, 407 too many
+    # targets; 486 (+R: only registered users may message them), 531 (cannot send to user),
+    # 716 (+g: server-side ignore) have no name in the irc library.
+    _ev_nosuchnick = _ev_nosuchserver = _ev_cannotsendtochan = _ev_toomanytargets = _not_delivered
+    _ev_486 = _ev_531 = _ev_716 = _not_delivered
 
     def account_of(self, nick: str, tags: list[dict[str, Any]] | None) -> str | None:
         """The services account vouched for by the server, or None."""

@@ -5,7 +5,8 @@ Supervision: connect (TLS policy, registration timeout), reconnect with
 ``bot.network.Backoff`` (reset after a connection that stayed up a minute),
 keepalive PINGs, taking the configured nick back, and the late SASL login
 (``caps``).  Incoming lines become ``bot.chat.Message``; outgoing text goes
-through ``delivery`` (fair per target, paced, confirmed, only to who asked).
+through ``delivery`` (fair per target, paced, confirmed, only to who asked),
+and ``send`` returns the message's receipt (``receipts``).
 """
 from __future__ import annotations
 
@@ -20,13 +21,14 @@ import irc.client
 import irc.connection
 
 from bot.addressing import command_text
-from bot.chat import (UNVERIFIED, VERIFIED_SERVICES, Identity, Message, MessageHandler, Room, Target,
-                      TransportError)
+from bot.chat import (UNVERIFIED, VERIFIED_SERVICES, Identity, Message, MessageHandler, NotDelivered, Outgoing,
+                      Person, Room, Target, TransportError, Undeliverable)
 from bot.logsafety import sanitise
 from bot.network import Backoff
 from bot.transports.irc.caps import SASL_LATE_TIMEOUT, Negotiation
 from bot.transports.irc.config import IrcConfig
 from bot.transports.irc.delivery import Delivery, Dest
+from bot.transports.irc.receipts import Receipt
 from bot.transports.irc.session import Session
 from bot.transports.irc.text import Fold, casefolder, clean_lines, split_all, text_budget
 
@@ -49,9 +51,11 @@ Sleep = Callable[[float], Awaitable[None]]
 
 class IrcTransport:
     """One IRC network.  ``start`` returns at once; the connection is made,
-    kept alive and remade in the background.  What ``send`` guarantees is
-    in ``delivery``; lines still queued when ``close`` gives up flushing are
-    logged as not delivered.
+    kept alive and remade in the background.  What ``send`` guarantees, and
+    when its receipt settles, is in ``delivery``; lines still queued when
+    ``close`` gives up flushing are logged as not delivered and their
+    receipts fail ``NotDelivered``.  ``ready``: registered on a live
+    connection.
 
     Also kept up in the background: the configured nick (regained when its
     holder leaves, or tried every ``nick_retry`` seconds), and the SASL login
@@ -94,21 +98,66 @@ class IrcTransport:
         self._handler = on_message
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"irc-{self.network}")
 
-    async def send(self, target: Target, text: str) -> None:
+    async def send(self, target: Target, text: str | Outgoing) -> asyncio.Future[None]:
+        """Queue ``text`` for ``target`` and return its receipt (``delivery`` says
+        what it means).  Raises only for what no retry can mend (another
+        network, a malformed name: Undeliverable) and after ``close``
+        (NotDelivered); everything else settles the receipt.  A ``Person``
+        is reached only at a nick the server vouches for now (``_person``)."""
         if self._closed or self._stopping:
-            raise TransportError(f"{self.network}: closed")
+            raise NotDelivered(f"{self.network}: closed")
         if target.protocol != "irc" or target.network != self.network:
-            raise TransportError(f"{self.network}: cannot send to {target} (another network)")
-        name = target.name if isinstance(target, Room) else target.handle
-        if not name or any(c in name for c in " ,\r\n\0") or len(name.encode("utf-8")) > 200:
-            raise TransportError(f"{self.network}: bad target {sanitise(name, 60)!r}")
+            raise Undeliverable(f"{self.network}: cannot send to {target} (another network)")
+        body = text.text if isinstance(text, Outgoing) else text
+        receipt = Receipt(target.user if isinstance(target, Person) else None)
+        if isinstance(target, Person):
+            dest = self._person(target, receipt)
+            if dest is None:
+                return receipt.future
+        else:
+            name = target.name if isinstance(target, Room) else target.handle
+            _check_name(self.network, name)
+            dest = self._dest(target, name)
         command = "NOTICE" if self.config.use_notice else "PRIVMSG"
-        budget = self._budget(command, name)
-        pieces = [piece for line in clean_lines(text) for piece in split_all(line, budget)]
-        self.delivery.put(self._dest(target, name), command, pieces)
+        budget = self._budget(command, dest.name)
+        pieces = [piece for line in clean_lines(body) for piece in split_all(line, budget)]
+        self.delivery.put(dest, command, pieces, receipt)
         self._wake.set()
+        return receipt.future
 
-    def _dest(self, target: Target, name: str) -> Dest:
+    def _person(self, person: Person, receipt: Receipt) -> Dest | None:
+        """Where to reach ``person`` now: the nick the roster knows is logged
+        into one of their accounts (or, where users.yaml allows it, matches
+        one of their hostmasks; ``roster.Roster.holder`` chooses), bound to
+        that account or user@host so every line is checked before it leaves.
+        Failing that, the nick they were last seen at (``handle``), or one
+        named like their first account, bound to their accounts: the server
+        is asked (WHO) before anything goes, and unless it vouches for the
+        account the message fails NotDelivered.  None: ``receipt`` failed."""
+        offline = f"{person.user or person} is not online on {self.network} under a verified nick"
+        if not person.accounts and not person.hostmasks:
+            receipt.fail(Undeliverable(f"{person.user or person} has no IRC account or hostmask on {self.network}"))
+            return None
+        session = self._session
+        if session is None or not session.alive or not session.registered.is_set():
+            receipt.fail(NotDelivered(f"{offline} (not connected)"))
+            return None
+        hint: str = getattr(person, "handle", "") or ""
+        if hint and not _good_name(hint):
+            hint = ""
+        found = session.roster.holder(person.accounts, person.hostmasks, hint)
+        if found is not None:
+            nick, account, userhost = found
+            if _good_name(nick):
+                more = tuple(a for a in person.accounts if a != account) if account is not None else ()
+                return Dest(self.fold(nick), nick, True, account=account, userhost=userhost, more_accounts=more)
+        nick = hint or (person.accounts[0] if person.accounts else "")
+        if not person.accounts or not _good_name(nick):
+            receipt.fail(NotDelivered(offline))      # a hostmask alone says nothing of a nick we do not see
+            return None
+        return Dest(self.fold(nick), nick, True, account=person.accounts[0], more_accounts=person.accounts[1:])
+
+    def _dest(self, target: Identity | Room, name: str) -> Dest:
         if isinstance(target, Room):
             return Dest(self.fold(name), name)
         # A person is bound to what the server vouched for when they asked (see delivery).
@@ -142,6 +191,7 @@ class IrcTransport:
         if left:
             log.warning("%s: closing with %d line(s) not delivered", self.network, left)
         self._closed = True
+        self.delivery.fail_open(NotDelivered(f"{self.network}: closed before the server confirmed the message"))
         session = self._session
         if session is not None:
             session.close("releasebot stopping")
@@ -158,6 +208,11 @@ class IrcTransport:
         log.info("%s: closed", self.network)
 
     # -- extras for the app, tests and benchmarks --------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """Registered on a connection that is alive (and not closing): lines written now go out."""
+        return self.connected and not self._stopping
 
     @property
     def connected(self) -> bool:
@@ -389,3 +444,13 @@ class IrcTransport:
         except Exception:
             log.exception("%s: handling %r from %s failed", self.network, sanitise(message.text),
                           message.sender)
+
+
+def _good_name(name: str) -> bool:
+    """Whether ``name`` can be a PRIVMSG target as it is (no space, comma, CR, LF, NUL; not huge)."""
+    return bool(name) and not any(c in name for c in " ,\r\n\0") and len(name.encode("utf-8")) <= 200
+
+
+def _check_name(network: str, name: str) -> None:
+    if not _good_name(name):
+        raise Undeliverable(f"{network}: bad target {sanitise(name, 60)!r}")
