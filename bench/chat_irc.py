@@ -21,6 +21,11 @@ and, for fairness, InspIRCd's DEFAULT connect class (which does throttle).
                                      class; FAIR_SAMPLES commands at random moments
                                      (target <= 2000: a one-line answer waits for at
                                      most one token)
+  irc_receipt_ms_p50 / _p99          from ``send`` of a one-line message to #bench to its
+                                     receipt resolving (ngircd has no echo-message: the
+                                     answer to the marker PING written after it), RECEIPTS
+                                     messages one at a time, as the outbox sends, after a
+                                     warm-up; bot pacing effectively off
   irc_disconnects                    connections the bots lost meanwhile (must be 0)
 
 ``python bench/chat_irc.py`` prints ``name=value`` lines.
@@ -50,6 +55,7 @@ from tests.serverkit import ServerMissing  # noqa: E402
 from tests.serverkit.irc import Human, start_inspircd_anope, start_ngircd  # noqa: E402
 
 COMMANDS = 1000
+RECEIPTS = 1000
 WARMUP = 50
 PACED_LINES = 60
 PACED_RATE = 10.0
@@ -104,10 +110,19 @@ async def run() -> dict[str, float]:
             start = time.perf_counter()
             await ps()
             rtts.append((time.perf_counter() - start) * 1000)
+        # 2. receipts: one message at a time, awaited
+        room = Room("irc", "bench", "#bench")
+        receipts: list[float] = []
+        for i in range(WARMUP + RECEIPTS):
+            start = time.perf_counter()
+            await asyncio.wait_for(await bot.send(room, f"receipt {i}"), 10)
+            if i >= WARMUP:
+                receipts.append((time.perf_counter() - start) * 1000)
+        await human.expect(lambda m: m.text == f"receipt {WARMUP + RECEIPTS - 1}", 10)
         human.lines.clear()
         human.pos = 0
 
-        # 2. paced output, measured where it arrives
+        # 3. paced output, measured where it arrives
         paced = await _bot(engine, server.port, "pacedbot", "#bench", pacing_rate=PACED_RATE,
                            pacing_burst=PACED_BURST, use_notice=True)
         bots.append(paced)
@@ -120,13 +135,15 @@ async def run() -> dict[str, float]:
         steady = arrivals[PACED_BURST - 1:]          # from the last line of the burst on
         rate = (len(steady) - 1) / (steady[-1] - steady[0])
 
-        # 3. fairness, on a server that enforces flood limits
+        # 4. fairness, on a server that enforces flood limits
         waits = await _fair_waits(engine, directory, bots)
         return {
             "irc_command_rtt_p50_ms": statistics.median(rtts),
             "irc_command_rtt_p99_ms": _percentile(rtts, 0.99),
             "irc_notice_lines_per_s": rate,
             "irc_fair_wait_ms_p99": _percentile(waits, 0.99),
+            "irc_receipt_ms_p50": statistics.median(receipts),
+            "irc_receipt_ms_p99": _percentile(receipts, 0.99),
             "irc_disconnects": float(sum(b.disconnects for b in bots)),
         }
     finally:
