@@ -333,6 +333,15 @@ class Engine:
         rows = await self.store.workitems()
         return frozenset(r.key for r in rows if r.participant == participant)
 
+    async def project_of(self, instance_id: int) -> str | None:
+        return (await self.summary(instance_id)).project
+
+    async def step_timers(self, workitem: Workitem) -> list[tuple[str, float]]:
+        """The workitem's named step timers not fired yet: (name, due), soonest first."""
+        rows = await self.store.timers_of(workitem.instance_id)
+        return sorted(((event_name(t.name), t.due) for t in rows
+                       if t.kind == "event" and t.path == workitem.path and not t.fired), key=lambda t: t[1])
+
     async def launched_by(self, instance_id: int) -> str | None:
         """The actor recorded when the instance was launched ("alice via irc:libera",
         "schedule nightly"), or None."""

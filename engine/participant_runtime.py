@@ -176,4 +176,5 @@ async def participant_services(engine: Engine, participant: Participant, env: Pa
     return Services(config=config, clock=engine.clock, users=env.users, reply=engine.reply,
                     storage=Storage(engine.store, participant.name), step_params=StepSources(engine),
                     outbox=env.outbox, watch=engine.watch,
-                    open_keys=lambda: engine.open_keys(participant.name), launched_by=engine.launched_by)
+                    open_keys=lambda: engine.open_keys(participant.name), launched_by=engine.launched_by,
+                    project_of=engine.project_of, timers_of=engine.step_timers)

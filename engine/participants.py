@@ -170,6 +170,10 @@ class Services:
     open_keys: Callable[[], Awaitable[frozenset[str]]] | None = None
     """The dispatch keys of this participant's open workitems (dispatched,
     pending or being cancelled): what may still own leftovers on disk."""
+    project_of: Callable[[int], Awaitable[str | None]] | None = None
+    """The project an instance runs in (None: none)."""
+    timers_of: Callable[[Workitem], Awaitable[list[tuple[str, float]]]] | None = None
+    """A workitem's named step timers still to fire: (name, due), soonest first."""
     launched_by: Callable[[int], Awaitable[str | None]] | None = None
     """The actor recorded when an instance was launched: "<user> via
     <protocol>:<network>" for a command, "schedule <name>" for a schedule."""
