@@ -4,7 +4,8 @@ import signal
 import sys
 
 # Server fixtures live in their own modules, one per protocol; engine fixtures in theirs.
-pytest_plugins = ["tests.servers.tls", "tests.servers.irc", "tests.servers.xmpp", "tests.engine_fixtures"]
+pytest_plugins = ["tests.servers.tls", "tests.servers.irc", "tests.servers.xmpp", "tests.servers.smtp",
+                  "tests.servers.mailin", "tests.servers.publish", "tests.engine_fixtures"]
 
 
 def _exit_on_term(signum, frame):  # killed by a timeout: let fixtures stop their servers
