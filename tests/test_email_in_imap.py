@@ -5,6 +5,7 @@ as an MTA would deliver it."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -109,7 +110,8 @@ async def test_mail_that_arrived_while_down_is_taken_once_and_moved(dovecot: Dov
 
 
 async def test_idle_over_tls_hands_new_mail_over(dovecot_tls: Dovecot, email_storage: Storage,
-                                                 watch: Watch) -> None:
+                                                 watch: Watch, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)                      # aioimaplib logs every line it sends at DEBUG
     inbox = Inbox(email_storage)
     arrived: list[float] = []
 
@@ -129,6 +131,7 @@ async def test_idle_over_tls_hands_new_mail_over(dovecot_tls: Dovecot, email_sto
         latencies.append(arrived[-1] - delivered)
     print(f"imap_idle_latency_ms={1000 * max(latencies):.0f}")     # bench/email_in.py measures it properly
     assert len(await inbox.pending()) == 2
+    assert "LOGIN bot@example.test" in caplog.text and "botpw" not in caplog.text
 
 
 async def test_tls_with_an_untrusted_certificate_never_logs_in(dovecot_tls: Dovecot, watch: Watch) -> None:
@@ -196,12 +199,20 @@ async def test_a_mail_the_caller_fails_on_does_not_hold_up_the_others(dovecot: D
 
     for n in range(3):
         dovecot.deliver(raw(n))
-    watcher = await watch(settings(dovecot), on_mail)
-    await until(lambda: watcher.handed_over == 2)
-    dovecot.deliver(raw(3))                              # a later pass tries the failed one again
+    watcher = await watch(settings(dovecot, backoff_max=60.0), on_mail)
+    await until(lambda: watcher.handed_over == 2 and watcher.waiting.is_set())
+    assert attempts == [2]
+    dovecot.deliver(raw(3))                              # the next pass tries the failed one again, once
     await until(lambda: watcher.handed_over == 3)
+    await until(lambda: watcher.waiting.is_set())
     assert attempts == [2, 2]
     assert await folder_counts(await imap_client(dovecot)) == (1, 3)
+    await watcher.stop()
+    attempts.clear()                                     # a new session: retried after backoff_max, 3 times at most
+    watcher = await watch(settings(dovecot, backoff_max=0.05), on_mail)
+    await until(lambda: len(attempts) == 3)
+    await asyncio.sleep(0.3)
+    assert attempts == [2, 2, 2] and watcher.handed_over == 0
 
 
 async def test_it_reconnects_after_the_server_went_away(dovecot: Dovecot, email_storage: Storage,

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from bot.transports.email.inbound import Inbox, Refused, Sender, identify
+from bot.transports.email.inbound import Inbox, Refused, Sender, describe, identify
 from bot.transports.email.parse import parse
 from bot.transports.email.tokens import LENGTH, ReplyTokens
 from bot.transports.email.verify import Trust
@@ -235,3 +235,14 @@ async def test_a_token_present_decides_even_with_a_trusted_verdict(tokens: Reply
     clock.now += 8 * DAY
     who = await identify(read(reply(thread, extra=AR_PASS)), (), tokens, TRUST, USERS)
     assert isinstance(who, Refused) and who.rule == "token_expired"
+
+
+async def test_each_mail_is_one_log_line(tokens: ReplyTokens, email_storage: Storage) -> None:
+    address = await issued(tokens, email_storage)
+    m = read(reply(address).replace(b"Subject: Re: Build #12", b"Subject: =?utf-8?q?x=0A2026-01-01_CRITICAL_forged?="))
+    line = describe(m, "mid:r1@example.org", await identify(m, (), tokens, None, USERS))
+    assert "\n" not in line and "'x 2026-01-01 CRITICAL forged'" in line     # the newline folded away
+    assert line.endswith("from alice (a reply to your single-use address for thread #12)")
+    refused = read(b"Subject: status 1\r\n\r\nstatus 1\r\n")
+    assert describe(refused, "sha256:ab", await identify(refused, (), tokens, TRUST, USERS)) == \
+        "mail sha256:ab <no From header> 'status 1': refused [refused]: no usable sender: no From header"

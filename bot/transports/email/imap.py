@@ -16,9 +16,9 @@ the server lacks MOVE), or, without a processed folder, flagged with
 again after restart: ``FetchedMail.key`` (and the mail's Message-ID) lets the
 caller see it already has it, so exactly-once is the caller's, and cheap.
 
-A mail the callback fails on stays where it is and is tried again in a later
-pass (each session retries it at most ``MAX_ATTEMPTS`` times), so one bad
-mail cannot block the others.  A mail larger than ``max_size`` is handed over
+A mail the callback fails on stays where it is and is tried again with the
+next new mail or after ``backoff_max`` seconds (each session tries it at most
+``MAX_ATTEMPTS`` times), so one bad mail cannot block the others.  A mail larger than ``max_size`` is handed over
 cut off at ``max_size`` + 1 bytes with ``truncated`` set: the caller (``parse``
 with the same limit) refuses it, and the server never sent all of it.
 
@@ -111,6 +111,7 @@ class ImapWatcher:
         self._client: Any = None
         self._lost = asyncio.Event()
         self.connected = asyncio.Event()    # set while a session is logged in and watching
+        self.waiting = asyncio.Event()      # set while it waits for new mail (IDLE, or between polls)
         self.idle_supported: bool | None = None
         self.handed_over = 0
         self.sessions = 0
@@ -166,41 +167,60 @@ class ImapWatcher:
                  "IDLE" if self.idle_supported else f"polling every {s.poll_interval:g}s")
         attempts: dict[int, int] = {}
         while not self._stopping:
-            await self._drain(client, uidvalidity, attempts)
+            retry = await self._drain(client, uidvalidity, attempts)
             if self._stopping:
                 break
             if lost.is_set():
                 raise ImapError("connection lost")
-            if self.idle_supported:
-                await self._idle(client)
-            else:
-                await self._wait(s.poll_interval)
+            # a mail the caller failed on is tried again after backoff_max, or with the next new mail
+            pause = min(s.idle_renew if self.idle_supported else s.poll_interval,
+                        s.backoff_max if retry else float("inf"))
+            self.waiting.set()
+            try:
+                if self.idle_supported:
+                    await self._idle(client, pause)
+                else:
+                    await self._wait(pause)
+            finally:
+                self.waiting.clear()
             if lost.is_set() and not self._stopping:
                 raise ImapError("connection lost")
 
-    async def _drain(self, client: Any, uidvalidity: int, attempts: dict[int, int]) -> None:
-        """Hand over every mail in the mailbox not yet handled, oldest first."""
+    async def _drain(self, client: Any, uidvalidity: int, attempts: dict[int, int]) -> bool:
+        """Hand over every mail in the mailbox not yet handled, oldest first,
+        each at most once per call; True if one the caller failed on is left to
+        try again.  It searches again until a search finds nothing new: that
+        search is the last command before IDLE, so a mail that arrives later is
+        announced in IDLE, not in the answer to a command that ignores it."""
         s = self.settings
         criteria = ("ALL",) if s.processed is not None else ("UNKEYWORD", FLAG)
-        found = _ok(await self._call(client.uid_search(*criteria, charset=None)), "search")
-        uids = sorted(int(u) for line in _lines(found)[:-1] for u in line.split() if u.isdigit())
-        for uid in uids:
-            if self._stopping or self._lost.is_set():
-                return
-            if attempts.get(uid, 0) >= MAX_ATTEMPTS:
-                continue
-            mail = await self._fetch(client, uidvalidity, uid)
-            if mail is None:
-                continue                                # expunged meanwhile
-            try:
-                await self._on_mail(mail)
-            except Exception as exc:
-                attempts[uid] = attempts.get(uid, 0) + 1
-                log.error("imap: mail %s not taken (attempt %d of %d): %s: %s", mail.key, attempts[uid],
-                          MAX_ATTEMPTS, type(exc).__name__, sanitise(str(exc), 200))
-                continue
-            self.handed_over += 1
-            await self._done(client, uid)
+        tried: set[int] = set()
+        while not (self._stopping or self._lost.is_set()):
+            found = _ok(await self._call(client.uid_search(*criteria, charset=None)), "search")
+            uids = sorted(int(u) for line in _lines(found)[:-1] for u in line.split() if u.isdigit())
+            todo = [u for u in uids if u not in tried and attempts.get(u, 0) < MAX_ATTEMPTS]
+            if not todo:
+                return any(attempts.get(u, 0) < MAX_ATTEMPTS for u in uids if u in tried)
+            for uid in todo:
+                if self._stopping or self._lost.is_set():
+                    break
+                tried.add(uid)
+                await self._hand_over(client, uidvalidity, uid, attempts)
+        return False
+
+    async def _hand_over(self, client: Any, uidvalidity: int, uid: int, attempts: dict[int, int]) -> None:
+        mail = await self._fetch(client, uidvalidity, uid)
+        if mail is None:
+            return                                      # expunged meanwhile
+        try:
+            await self._on_mail(mail)
+        except Exception as exc:
+            attempts[uid] = attempts.get(uid, 0) + 1
+            log.error("imap: mail %s not taken (attempt %d of %d): %s: %s", mail.key, attempts[uid],
+                      MAX_ATTEMPTS, type(exc).__name__, sanitise(str(exc), 200))
+            return
+        self.handed_over += 1
+        await self._done(client, uid)
 
     async def _fetch(self, client: Any, uidvalidity: int, uid: int) -> FetchedMail | None:
         response = _ok(await self._call(client.uid("fetch", str(uid), f"(UID RFC822.SIZE BODY.PEEK[]<0.{self.settings.max_size + 1}>)")),
@@ -233,13 +253,13 @@ class ImapWatcher:
             else:
                 _ok(await self._call(client.expunge()), "expunge")
 
-    async def _idle(self, client: Any) -> None:
-        """IDLE until the server reports new mail, the renewal time, or the end."""
-        idle = await self._call(client.idle_start(timeout=self.settings.idle_renew))
+    async def _idle(self, client: Any, pause: float) -> None:
+        """IDLE until the server reports new mail, ``pause`` is over, or the end."""
+        idle = await self._call(client.idle_start(timeout=pause))
         try:
             while True:
                 try:
-                    lines = await self._call(client.wait_server_push(timeout=self.settings.idle_renew + 5))
+                    lines = await self._call(client.wait_server_push(timeout=pause + 5))
                 except asyncio.TimeoutError:
                     break
                 if lines == aioimaplib.STOP_WAIT_SERVER_PUSH or any(b"EXISTS" in bytes(l) for l in lines):
