@@ -5,11 +5,10 @@ real servers in test_email_in_listener.py and test_email_in_imap.py."""
 from __future__ import annotations
 
 import base64
-import time
 
 import pytest
 
-from bot.transports.email.parse import Mail, html_to_text, parse, strip_subject
+from bot.transports.email.parse import MAX_TEXT, Mail, html_to_text, parse, strip_subject
 from bot.transports.email.verify import Trust, verify
 
 COMMANDS = ("status", "launch", "whoami", "help", "cancel", "approve")
@@ -174,10 +173,9 @@ def test_broken_base64_and_8bit_headers_do_not_raise() -> None:
 
 def test_a_10000_line_body_is_bounded_work() -> None:
     body = "".join(f"> quoted line {i}\n" for i in range(10_000)) + "status 1\n"
-    started = time.process_time()
     m = mail("From: alice@example.org\nSubject: Re: x", body)
     assert m.command is None          # the line after 10,000 quoted ones is past the scan limit
-    assert time.process_time() - started < 2.0   # a guard against quadratic work, not a benchmark
+    assert len(m.text) <= MAX_TEXT
     long = mail("From: alice@example.org\nSubject: x", "status 1\n" + "words words words\n" * 10_000)
     assert long.command == "status 1" and len(long.comment) <= 4_000
 
