@@ -20,7 +20,7 @@ from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
 from bot.access import (ADMINS, Caller, Directory, NotAuthorised, User, WrongProject, authorise_launch,
                         authorise_manage, authorise_read)
-from bot.chat import Message
+from bot.chat import VERIFIED_CONSOLE, Identity, Message
 from bot.logsafety import sanitise
 from bot.pacing import Cooldown
 from bot.rendering import detail_lines, history_line, schedule_line, summary_line
@@ -79,6 +79,7 @@ class Context:
     registry: Registry
     outbox: Any = None                 # notifiers.outbox.Outbox, if the bot has one
     routing: Any = None                # notifiers.routing.Routing, if the bot has one
+    acting_for: str = ""               # console `as <user>`: the admin who typed it
     durable: bool = False              # the reply was written to the outbox with the change it reports
 
     async def acknowledged(self, change: Callable[[Any], Awaitable[R]], text: Callable[[R], str]) -> list[str]:
@@ -118,7 +119,8 @@ class Context:
         """Who did it, for the history: user name, network and how verified."""
         ident = self.caller.identity
         who = self.caller.user.name if self.caller.user else ident.handle
-        return f"{who} via {ident.protocol}:{ident.network}"
+        acting = f" (as, by {self.acting_for})" if self.acting_for else ""
+        return f"{who} via {ident.protocol}:{ident.network}{acting}"
 
     @property
     def user(self) -> User:
@@ -151,6 +153,20 @@ class Dispatcher:
 
     async def handle(self, message: Message) -> Response:
         caller = self.directory.resolve(message.sender)
+        acting_for = ""
+        if message.text.strip().lower().startswith("as ") or message.text.strip().lower() == "as":
+            if message.sender.protocol != "console":
+                return Response(["`as` works on the console only"], ok=False)
+            parts = message.text.split(None, 2)
+            admin = caller.user
+            if admin is None or not admin.has_role(ADMINS):
+                return Response(["not authorised: only the console's admin may act as another user"], ok=False)
+            if len(parts) < 3 or self.directory.user(parts[1]) is None:
+                return Response(["usage: as <user> <command> (a user from users.yaml)"], ok=False)
+            acting_for = admin.name
+            message = Message(Identity("console", "console", parts[1], account=parts[1],
+                                       verified_by=VERIFIED_CONSOLE), parts[2], message.room)
+            caller = self.directory.resolve(message.sender)
         if self.cooldown and message.sender.protocol != "console":
             # every addressed message counts, even a malformed one: each would cost an answer
             verdict = self.cooldown.admit(rate_key(caller))
@@ -178,7 +194,8 @@ class Dispatcher:
                                  "so I cannot tell who you are; send me a direct message instead"], ok=False)
             return Response([f"not authorised: {spec.name} needs a verified, known user "
                              f"({caller.describe()}); try: whoami"], ok=False)
-        ctx = Context(caller, message, args[1:], spec, self.engine, self.registry, self.outbox, self.routing)
+        ctx = Context(caller, message, args[1:], spec, self.engine, self.registry, self.outbox, self.routing,
+                      acting_for)
         try:
             lines = await spec.handler(ctx)
         except NotAuthorised as exc:
@@ -395,6 +412,110 @@ async def cmd_outbox(ctx: Context) -> list[str]:
     lines = [f"{n}: " + ", ".join(f"{stats.counts.get((n, s), 0)} {s}" for s in ("queued", "failed", "delivered"))
              for n in networks]
     lines += [outbox_line(r, f"waiting: {r.error}" if r.error else "waiting") for r in stats.oldest]
+    return lines
+
+
+# --- questions (the ask participant) -------------------------------------------
+
+_QID = re.compile(r"q?([0-9]{1,12})", re.ASCII | re.IGNORECASE)
+
+
+def _ask(ctx: Context) -> Any:
+    ask = ctx.engine.participants.get("ask") if ctx.engine is not None else None
+    if ask is None or not hasattr(ask, "answer"):
+        raise CommandError("this bot asks no questions (no ask participant)")
+    return ask
+
+
+def _qid(ctx: Context, text: str) -> int:
+    match = _QID.fullmatch(text)
+    if match is None:
+        raise ctx.usage_error(f"bad question id {sanitise(text, 20)!r} (like q7)")
+    return int(match.group(1))
+
+
+async def _answer(ctx: Context, qid_text: str, choice: str, comment: list[str]) -> list[str]:
+    ask = _ask(ctx)
+    ident = ctx.message.sender
+    how = ctx.caller.how if not ctx.acting_for else f"console, as {ctx.caller.user.name if ctx.caller.user else '?'} " \
+                                                      f"by {ctx.acting_for}"
+    line = await ask.answer(_qid(ctx, qid_text), ctx.user, choice, " ".join(comment), network=f"{ident.protocol}:"
+                            f"{ident.network}", how=how, actor=ctx.actor)
+    return [line]
+
+
+@command("as <user> <command>", "console only: the console's admin runs a command as another configured user "
+         "(demos and local tests; recorded as such in the history)")
+async def cmd_as(ctx: Context) -> list[str]:
+    raise CommandError("`as` works on the console only, for its admin: as <user> <command>")
+
+
+@command("pending", "questions waiting for your answer")
+async def cmd_pending(ctx: Context) -> list[str]:
+    if ctx.args:
+        raise ctx.usage_error("unexpected arguments")
+    lines = await _ask(ctx).pending_for(ctx.user.name)
+    return lines or ["nothing waits for your answer"]
+
+
+@command("approve <qid> [comment]", "approve a question asked of you")
+async def cmd_approve(ctx: Context) -> list[str]:
+    if not ctx.args:
+        raise ctx.usage_error("expected a question id")
+    return await _answer(ctx, ctx.args[0], "approve", ctx.args[1:])
+
+
+@command("reject <qid> [reason]", "reject a question asked of you")
+async def cmd_reject(ctx: Context) -> list[str]:
+    if not ctx.args:
+        raise ctx.usage_error("expected a question id")
+    return await _answer(ctx, ctx.args[0], "reject", ctx.args[1:])
+
+
+@command("answer <qid> <choice> [comment]", "answer a question asked of you with one of its choices")
+async def cmd_answer(ctx: Context) -> list[str]:
+    if len(ctx.args) < 2:
+        raise ctx.usage_error("expected a question id and a choice")
+    return await _answer(ctx, ctx.args[0], ctx.args[1].lower(), ctx.args[2:])
+
+
+@command("question <qid>", "a question: what was asked, of whom, and who answered what")
+async def cmd_question(ctx: Context) -> list[str]:
+    if len(ctx.args) != 1:
+        raise ctx.usage_error("expected one question id")
+    found = await _ask(ctx).describe(_qid(ctx, ctx.args[0]))
+    if found is None:
+        raise CommandError(f"no question {sanitise(ctx.args[0], 20)}")
+    q, lines = found
+    authorise_read(ctx.user, q.instance_id, q.project)
+    return list(lines)
+
+
+@command("decisions <project> [since]", "decisions of a project's questions since a date (YYYY-MM-DD; default "
+         "the last 30 days), for release audits")
+async def cmd_decisions(ctx: Context) -> list[str]:
+    if len(ctx.args) not in (1, 2):
+        raise ctx.usage_error("expected a project and maybe a date")
+    project = ctx.args[0]
+    if not ctx.user.may_read(project):
+        raise NotAuthorised(f"not authorised: you have no role on {project}")
+    if len(ctx.args) == 2:
+        try:
+            since = time.mktime(time.strptime(ctx.args[1], "%Y-%m-%d")) - time.timezone
+        except ValueError:
+            raise ctx.usage_error(f"bad date {sanitise(ctx.args[1], 20)!r} (YYYY-MM-DD)") from None
+    else:
+        since = ctx.engine.clock.now() - 30 * 86400
+    found = await _ask(ctx).decisions(since)
+    mine = [(q, answers) for q, answers in found
+            if q.project == project or (q.project or "").startswith(project + ":")]
+    if not mine:
+        return [f"no decisions in {project} since {time.strftime('%Y-%m-%d', time.gmtime(since))}"]
+    lines = []
+    for q, answers in mine:
+        who = "; ".join(a.describe() for a in answers) or "nobody answered"
+        lines.append(f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(q.ended or q.asked))} {q.label} "
+                     f"{q.process} #{q.instance_id} {q.project}: {q.question} -> {q.outcome} ({q.state}): {who}")
     return lines
 
 

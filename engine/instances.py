@@ -169,8 +169,8 @@ class Instance:
         tx.closed.append(key)
         tx.extra.extend(reply.ops)      # the participant's own writes, in the commit of its answer
         run.key = None
-        for kind, detail in reply.events:     # the participant's own events, routed like the engine's
-            self._history(step, kind, actor, detail)
+        for kind, detail in reply.events:     # the participant's own events (their detail says who)
+            self._history(step, kind, "", detail)
         if reply.kind == "done":
             self._scope(step).update(reply.fields)
             self._history(step, "done", actor, _brief(reply.fields))
