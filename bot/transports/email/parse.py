@@ -90,11 +90,6 @@ class Mail:
     def sender_domain(self) -> str | None:
         return self.sender.rpartition("@")[2] if self.sender else None
 
-    def key(self, fallback: str) -> str:
-        """The idempotency key: ``mid:<Message-ID>``, or ``fallback`` (such as
-        ``imap:<uidvalidity>:<uid>``) when the mail has none."""
-        return f"mid:{self.message_id}" if self.message_id else fallback
-
 
 def parse(raw: bytes, *, is_command: Callable[[str], bool], own_addresses: Collection[str] = (),
           own_id_domains: Collection[str] = (), envelope_from: str | None = None,
