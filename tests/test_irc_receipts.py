@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from bot.chat import NotDelivered, Person, Room, Undeliverable
+from bot.chat import NotDelivered, Outgoing, Person, Room, Undeliverable
 from bot.outqueue import overflow_note
 from bot.transports.irc import IrcTransport
 from bot.transports.irc.delivery import Delivery, Dest, Writer
@@ -213,9 +213,11 @@ async def test_close_of_the_delivery_fails_open_receipts_and_a_failure_nobody_aw
     delivery.fail_open(NotDelivered("testnet: closed"))
     assert isinstance(error(receipt), NotDelivered)
     del receipt
-    dropped = put(delivery, ROOM, lines(100))         # fails at once, nobody looks
-    dropped.fail(NotDelivered("nobody awaits this"))
-    del dropped
+    transport = IrcTransport(irc_config(6667))
+    await transport.send(Person("irc", NET, "alice", accounts=("alice",)), "nobody awaits this")   # failed
+    lonely = Receipt()
+    lonely.fail(NotDelivered("nobody awaits this either"))
+    del lonely
     gc.collect()
     await asyncio.sleep(0)
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
@@ -293,7 +295,7 @@ async def test_a_receipt_resolves_once_the_server_relayed_the_line_and_not_while
         await human.join("#ops")
         assert bot.ready
         ops = Room("irc", NET, "#ops")
-        receipt = await bot.send(ops, "hello\nworld")
+        receipt = await bot.send(ops, Outgoing("hello\nworld", subject="chat has no subject"))   # its text
         await asyncio.wait_for(receipt, 5)
         assert [m.text for m in await human.messages_from(BOT, 2, timeout=1)] == ["hello", "world"]
 

@@ -149,8 +149,7 @@ class IrcTransport:
         if found is not None:
             nick, account, userhost = found
             if _good_name(nick):
-                more = tuple(a for a in person.accounts if a != account) if account is not None else ()
-                return Dest(self.fold(nick), nick, True, account=account, userhost=userhost, more_accounts=more)
+                return Dest(self.fold(nick), nick, True, account=account, userhost=userhost)
         nick = hint or (person.accounts[0] if person.accounts else "")
         if not person.accounts or not _good_name(nick):
             receipt.fail(NotDelivered(offline))      # a hostmask alone says nothing of a nick we do not see
