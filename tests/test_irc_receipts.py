@@ -334,6 +334,21 @@ async def test_a_message_to_a_channel_the_server_refuses_fails_undeliverable_wit
 
 
 @servers
+async def test_a_403_while_joining_is_the_joins_and_fails_no_message(
+        ngircd: Ngircd, irc_bots: BotFactory, irc_clients: Any) -> None:
+    # 403 answers a JOIN or a message (InspIRCd's "No such channel" above); ngircd answers a
+    # JOIN of a name too long with it, and a message to that name with 401
+    too_long = "#" + "x" * 60
+    bot = await irc_bots(fast(ngircd.port, channels=("#ops", too_long)))     # ready: the JOIN was refused
+    human = await irc_clients(ngircd.port, "pat")
+    await human.join("#ops")
+    refused, fine = await bot.send(Room("irc", NET, too_long), "x"), await bot.send(Room("irc", NET, "#ops"), "ok")
+    with pytest.raises(Undeliverable, match="No such nick or channel name"):
+        await asyncio.wait_for(refused, 5)
+    await asyncio.wait_for(fine, 5)
+
+
+@servers
 async def test_after_a_server_restart_mid_message_the_receipt_resolves_once_and_each_line_arrives(
         ngircd: Ngircd, irc_bots: BotFactory, irc_clients: Any) -> None:
     proxy = await TcpProxy(ngircd.port).start()
