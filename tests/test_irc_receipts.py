@@ -336,7 +336,7 @@ async def test_a_message_to_a_channel_the_server_refuses_fails_undeliverable_wit
 @servers
 async def test_a_403_while_joining_is_the_joins_and_fails_no_message(
         ngircd: Ngircd, irc_bots: BotFactory, irc_clients: Any) -> None:
-    # 403 answers a JOIN or a message (InspIRCd's "No such channel" above); ngircd answers a
+    # 403 answers a JOIN or a message (InspIRCd's to #nosuch: the Person test below); ngircd answers a
     # JOIN of a name too long with it, and a message to that name with 401
     too_long = "#" + "x" * 60
     bot = await irc_bots(fast(ngircd.port, channels=("#ops", too_long)))     # ready: the JOIN was refused
