@@ -41,15 +41,17 @@ LAYERS: dict[str, tuple[str, ...]] = {
                              "engine.participant_runtime", "engine.store"),   # reply tokens: rows in the bot's database
     "bot.transports.console": ("bot.chat",),
     "run_bot": ("bot", "engine", "participants", "notifiers"),
-    "bench": ("bench", "bot", "engine", "participants", "notifiers", "tests.serverkit", "run_bot"),
+    "bench": ("bench", "bot", "engine", "participants", "notifiers", "tests.serverkit", "tests.fakebugzilla",
+              "run_bot"),
     "tests": FIRST_PARTY,
     "tests.serverkit": ("tests.serverkit",),                 # usable by bench/: no pytest, no fixtures
+    "tests.fakebugzilla": ("tests.fakebugzilla",),           # likewise
 }
 PROTOCOL_LIBRARIES = {"irc": "bot.transports.irc", "jaraco": "bot.transports.irc",
                       "slixmpp": "bot.transports.xmpp", "aiosmtplib": "bot.transports.email",
                       "aiosmtpd": "bot.transports.email", "aioimaplib": "bot.transports.email",
                       "authres": "bot.transports.email"}
-NO_PYTEST = ("engine", "participants", "notifiers", "bot", "run_bot", "bench", "tests.serverkit")
+NO_PYTEST = ("engine", "participants", "notifiers", "bot", "run_bot", "bench", "tests.serverkit", "tests.fakebugzilla")
 
 
 def module_name(path: Path) -> str:
