@@ -519,6 +519,24 @@ async def cmd_decisions(ctx: Context) -> list[str]:
     return lines
 
 
+@command("bug <tracker> <id>", "a Bugzilla bug's status, resolution and summary (read-only)")
+async def cmd_bug(ctx: Context) -> list[str]:
+    if len(ctx.args) != 2 or not _ID.fullmatch(ctx.args[1].lstrip("#")):
+        raise ctx.usage_error("expected a tracker name and a bug number")
+    bz = ctx.engine.participants.get("bugzilla") if ctx.engine is not None else None
+    if bz is None or not hasattr(bz, "bug_summary"):
+        raise CommandError("this bot has no Bugzilla trackers")
+    projects = bz.trackers_for(ctx.args[0])
+    user = ctx.user
+    # a tracker serving Foo serves Foo:Bar too: a role on either project or below it reads it
+    mine = [q for q, roles in user.roles.items() if roles]
+    if not (user.reads_everything if "*" in projects else
+            any(user.may_read(p) or any(q.startswith(p + ":") for q in mine) for p in projects)):
+        raise NotAuthorised(f"not authorised: tracker {sanitise(ctx.args[0], 30)} serves "
+                            f"{', '.join(projects)}, where you have no role")
+    return [await bz.bug_summary(ctx.args[0], int(ctx.args[1].lstrip("#")))]
+
+
 def _routing(ctx: Context) -> Any:
     if ctx.routing is None:
         raise CommandError("this bot has no notifications")
