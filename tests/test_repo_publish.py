@@ -201,3 +201,51 @@ steps:
   - {id: sync, participant: repo_sync, params: {repo: "{{ repo }}"}}
   - {id: publish, participant: repo_publish, params: {repo: "{{ repo }}"}}
 """
+
+
+async def test_start_removes_only_partials_without_a_live_workitem(engines: EngineFactory, tmp_path: Path) -> None:
+    write_tree(tmp_path / "src", "one", packages=4, size=50_000)
+    config = config_for({"devel": local_repo(tmp_path, bwlimit=50)})
+    engine = await repo_engine(engines, config, db_name="p.sqlite3")
+    iid = await engine.launch("publish", {"repo": "devel"})
+    live = tmp_path / "www" / "snapshots" / f"{iid}-1-3"
+    for _ in range(500):
+        if (live / "Packages").is_dir() and any((live / "Packages").iterdir()):
+            break
+        await asyncio.sleep(0.01)
+    await engine.stop()            # the sync is cut off: its workitem stays dispatched (live)
+    await asyncio.to_thread(engine.store.close)
+    dead = tmp_path / "www" / "snapshots" / "99-1-1"
+    (dead / "Packages").mkdir(parents=True)
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "p.sqlite3") as c:
+        c.execute("INSERT INTO repo_publish_snapshots (repo, name, key, instance_id, state, created) "
+                  "VALUES ('devel', '99-1-1', '99:1:1', 99, 'partial', 0)")
+    engine = await repo_engine(engines, config_for({"devel": local_repo(tmp_path)}), db_name="p.sqlite3")
+    family = family_of(engine)
+    await family.cleaned
+    assert not dead.exists() and live.is_dir()
+    await settle(engine)
+    assert await status(engine, iid) == "completed"
+    assert os.readlink(tmp_path / "www" / "current") == f"snapshots/{iid}-1-3"
+
+
+async def test_consistency_reader_sees_one_snapshot_per_walk(engines: EngineFactory, tmp_path: Path) -> None:
+    """A reader resolving ``current`` once per walk never sees two snapshots' files, while publishes run."""
+    from tests.serverkit.repotree import Reader
+
+    engine = await repo_engine(engines, config_for({"devel": local_repo(tmp_path, retention=2, grace="1h")}))
+    write_tree(tmp_path / "src", "m0", packages=40)
+    await publish(engine)
+    reader = Reader(tmp_path / "www")
+    reader.start()
+    try:
+        for n in range(1, 6):
+            write_tree(tmp_path / "src", f"m{n}", packages=40)
+            iid = await publish(engine)
+            assert await status(engine, iid) == "completed", (await engine.summary(iid)).error
+    finally:
+        reader.stop()
+    assert reader.inconsistencies == 0, reader.problems[:3]
+    assert reader.walks >= 6 and len(reader.seen) >= 3

@@ -31,7 +31,7 @@ PLAIN_PATH = re.compile(r"^/[A-Za-z0-9._/+@-]*$")     # may go into ssh's option
 KEY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9@._+-]{0,127}$")
 PROJECT = re.compile(r"^[^\s\x00-\x1f\x7f]{1,200}$")
 REPO_KEYS = ("project", "source", "destination", "ssh_key", "known_hosts", "password_env", "retention",
-             "grace", "metadata", "verify", "freeze", "approval", "sign")
+             "grace", "metadata", "verify", "freeze", "approval", "sign", "bwlimit")
 TOP_KEYS = ("repositories", "timeout", "kill_grace", "freeze_recheck", "override_role")
 FREEZE_KEYS = ("name", "start", "duration", "timezone")
 OVERRIDE_ROLE = "publishers-override"
@@ -47,15 +47,17 @@ def name_problem(value: Any, what: str = "repository name") -> str | None:
     return None
 
 
-def path_problem(value: Any, what: str) -> str | None:
+def path_problem(value: Any, what: str = "") -> str | None:
+    """Why ``value`` is not an absolute, normalised path without control characters, or None."""
+    lead = f"{what}: " if what else ""
     if not isinstance(value, str) or not value:
-        return f"{what}: expected an absolute path, got {value!r}"
+        return f"{lead}expected an absolute path, got {value!r}"
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
-        return f"{what}: {value!r} holds a control character"
+        return f"{lead}{value!r} holds a control character"
     if not value.startswith("/"):
-        return f"{what}: expected an absolute path, got {value!r}"
+        return f"{lead}expected an absolute path, got {value!r}"
     if ".." in value.split("/") or "." in value.split("/")[1:-1] or "//" in value:
-        return f"{what}: {value!r} is not a normalised path (no '.', '..' or '//')"
+        return f"{lead}{value!r} is not a normalised path (no '.', '..' or '//')"
     return None
 
 
@@ -120,6 +122,7 @@ class Repository:
     approvers: tuple[str, ...] = ()
     signing: Signing | None = None
     line: int = 0
+    bwlimit: int = 0                # KiB/s for rsync (0: no limit)
 
 
 @dataclass(frozen=True)
@@ -172,10 +175,11 @@ def _repository(s: Section, name: str) -> Repository | None:
     s.require("project", "source", "destination")
     before = len(s.findings.problems)
     project = s.get("project", str, "", lambda v: None if PROJECT.match(v) else "expected a project name")
-    source = s.get("source", str, "", lambda v: path_problem(v, "source"))
+    source = s.get("source", str, "", path_problem)
     dest = _destination(s)
     retention = s.get("retention", int, 5, lambda v: None if 1 <= v <= 1000 else "from 1 to 1000 snapshots")
     grace = s.duration("grace", 3600.0)
+    bwlimit = s.get("bwlimit", int, 0, lambda v: None if v >= 0 else "KiB per second, 0 for no limit")
     metadata = _relative_names(s, "metadata", ("repodata",))
     verify = _relative_names(s, "verify", ("repodata/repomd.xml",))
     freezes = _freezes(s)
@@ -195,12 +199,12 @@ def _repository(s: Section, name: str) -> Repository | None:
         sub.require("key")
         key = sub.get("key", str, "", lambda v: None if KEY_ID.match(v) else
                       "expected a key fingerprint, key id or address")
-        home = sub.get("gnupg_home", str, "", lambda v: path_problem(v, "gnupg_home"))
+        home = sub.get("gnupg_home", str, "", path_problem)
         signing = Signing(key, home)
     if len(s.findings.problems) > before or dest is None or not source or not project:
         return None
     return Repository(name, project, source.rstrip("/") or "/", dest, retention, grace, metadata, verify, freezes,
-                      approval, approvers, signing, s.line(None))
+                      approval, approvers, signing, s.line(None), bwlimit)
 
 
 def _destination(s: Section) -> Destination | None:
@@ -269,8 +273,8 @@ def _destination(s: Section) -> Destination | None:
     s.require(*ssh_keys)
     files = []
     for key in ssh_keys:
-        value = s.get(key, str, "", lambda v: path_problem(v, key) or (
-            None if PLAIN_PATH.match(v) else f"{key}: {v!r}: letters, digits and ._/+@- only"))
+        value = s.get(key, str, "", lambda v: path_problem(v) or (
+            None if PLAIN_PATH.match(v) else f"{v!r}: letters, digits and ._/+@- only"))
         if value and not os.path.isfile(value):
             s.warn(key, f"{key}: {value} does not exist (yet)")
         files.append(value)

@@ -207,6 +207,7 @@ class RepoFamily:
             self.waiting[key] = Waiting(kind, repo, int(iid), key)
         self.started.set()
         self.cleaned = asyncio.ensure_future(self._recover())
+        self.cleaned.add_done_callback(self._task_done)
 
     async def shutdown(self) -> None:
         for waiting in self.waiting.values():
@@ -291,6 +292,22 @@ class RepoFamily:
             log.info("%s: removed partial snapshot(s) %s left by a sync that is gone", repo_name, ", ".join(names))
             await storage.write(storage.rows(f"DELETE FROM {SNAPSHOTS} WHERE repo = ? AND name = ?",
                                              [(repo_name, n) for n in names]))
+
+    async def discard_partial(self, key: str) -> None:
+        """A sync step was cancelled: its partial snapshot will never be finished."""
+        row = await self.storage.query_one(f"SELECT repo, name FROM {SNAPSHOTS} WHERE key = ? AND state = 'partial'",
+                                           key)
+        if row is None or row[0] not in self.config.repositories:
+            return
+        try:
+            await self.remove(self.config.repositories[row[0]], [row[1]], key)
+        except (ProgramFailed, OSError, ValueError) as exc:
+            log.warning("%s: could not remove the partial snapshot %s of a cancelled sync (the next start "
+                        "tries again): %s", row[0], row[1], exc)
+            return
+        log.info("%s: removed partial snapshot(s) %s of a cancelled sync", row[0], row[1])
+        await self.storage.write(self.storage.op(f"DELETE FROM {SNAPSHOTS} WHERE repo = ? AND name = ?",
+                                                 row[0], row[1]))
 
     # -- the lock ----------------------------------------------------------------------
 
@@ -470,15 +487,15 @@ class RepoFamily:
                 f"INSERT INTO {SNAPSHOTS} (repo, name, key, instance_id, state, previous, created) "
                 "VALUES (?, ?, ?, ?, 'partial', ?, ?)", repo.name, name, wi.key, wi.instance_id, previous,
                 self.now()))
-        if ops:
-            await storage.write(*ops)
         transfer = Transfer(repo)
         total = SyncStats()
         passes = transfer.sync_argvs(name, previous)
         for number, argv in enumerate(passes, 1):
             what = f"sync {number}/{len(passes)} ({'packages' if number == 1 else 'metadata'})"
             self.progress[wi.key] = what
-            result = await self.runner.run(wi.key, argv, env=transfer.env(), on_line=self.on_rsync_line(wi.key, what))
+            # the snapshot's row (and the lock, if retaken) go in the commit recording the first run
+            result = await self.runner.run(wi.key, argv, env=transfer.env(), on_line=self.on_rsync_line(wi.key, what),
+                                           with_ops=ops if number == 1 else ())
             stats = parse_stats(result.stdout)
             total.add(stats)
         self.progress.pop(wi.key, None)
@@ -509,11 +526,15 @@ class RepoFamily:
         transfer = Transfer(repo)
         if transfer.local:
             return transfer.snapshot_path(name)
-        missing = [p for p in paths if not (into / p).is_file()]
+        missing = [p for p in paths if not (into / p).exists()]
         if missing:
-            listing = into.parent / f"{into.name}.list"
-            listing.write_text("".join(p + "\n" for p in missing))
-            await self.runner.run(key, transfer.fetch_argv(name, listing, into), env=transfer.env(), check=False)
+            into.mkdir(parents=True, exist_ok=True)
+            result = await self.runner.run(key, transfer.fetch_argv(name, missing, into), env=transfer.env(),
+                                           check=False)
+            if result.code not in (0, 23):      # 23: some files are missing there (verify says which)
+                tail = " | ".join(line.strip() for line in result.stderr[-3:])
+                raise ProgramFailed(f"fetching the metadata of {repo.name} snapshot {name}: rsync exited with "
+                                    f"status {result.code}: {tail}")
         return into
 
     async def verify(self, wi: Workitem, repo: Repository) -> Reply:
@@ -524,7 +545,8 @@ class RepoFamily:
             return Reply.done({"verified": 0})
         name = await self.synced_snapshot(repo, wi)
         with tempfile.TemporaryDirectory(prefix="repo-verify-") as tmp:
-            root = await self._metadata_copy(repo, name, wi.key, repo.verify, Path(tmp) / "tree")
+            # the metadata directories come back in one transfer: what repomd.xml lists is there too
+            root = await self._metadata_copy(repo, name, wi.key, [*repo.metadata, *repo.verify], Path(tmp) / "tree")
             entries: list[verify.Listed] = []
             for expected in repo.verify:
                 if expected.endswith("repomd.xml") and (root / expected).is_file():

@@ -23,11 +23,13 @@ import secrets
 import signal
 import subprocess
 import sys
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 from engine.participant_runtime import Storage
+from engine.store import Op
 from participants.argsafety import text
 from participants.command import SUPERVISOR, TAG_VARIABLE, boot_id, kill_leftover
 
@@ -56,7 +58,7 @@ class Runner:
         self._running: dict[str, set[asyncio.subprocess.Process]] = {}
 
     async def setup(self) -> None:
-        """Kill the groups an earlier bot left running; forget their rows."""
+        """Kill the groups an earlier bot left running (only if still that run's); forget the rows."""
         rows = await self.storage.query(f"SELECT tag, pgid, boot FROM {TABLE}")
         for tag, pgid, boot in rows:
             if kill_leftover(int(pgid), str(boot), str(tag)):
@@ -64,11 +66,17 @@ class Runner:
         if rows:
             await self.storage.write(self.storage.op(f"DELETE FROM {TABLE}"))
 
+    def forget(self, owner: str) -> Op:
+        """The statement forgetting the step's runs: for the commit of its answer."""
+        return self.storage.op(f"DELETE FROM {TABLE} WHERE owner = ?", owner)
+
     async def run(self, owner: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
                   on_line: Callable[[str], None] | None = None, timeout: float | None = None,
-                  check: bool = True) -> Result:
+                  check: bool = True, with_ops: Sequence[Op] = ()) -> Result:
         """Run ``argv`` for the step ``owner`` (its dispatch key); raises ProgramFailed
-        (when ``check``) unless it exits 0."""
+        (when ``check``) unless it exits 0.  ``with_ops`` are written in the commit
+        that records the run, before it starts.  The record stays until the step's
+        answer forgets it (``forget``): one commit per run, not two."""
         argv = [text(a, "argument") for a in argv]
         tag = f"{owner}/{secrets.token_hex(8)}"
         full_env = {k: os.environ[k] for k in ("PATH", "HOME", "TMPDIR") if k in os.environ}
@@ -92,9 +100,9 @@ class Runner:
         timed_out = False
         try:
             try:
-                await self.storage.write(self.storage.op(
+                await self.storage.write(*with_ops, self.storage.op(
                     f"INSERT INTO {TABLE} (tag, owner, pgid, boot, started) VALUES (?, ?, ?, ?, ?)",
-                    tag, owner, proc.pid, boot_id(), 0.0))
+                    tag, owner, proc.pid, boot_id(), time.time()))
             except BaseException:
                 os.close(lifeline_w)           # never released: the supervisor exits, running nothing
                 lifeline_w = -1
@@ -117,8 +125,6 @@ class Runner:
             self._running.get(owner, set()).discard(proc)
             if not self._running.get(owner):
                 self._running.pop(owner, None)
-            if proc.returncode is not None:
-                await asyncio.shield(self.storage.write(self.storage.op(f"DELETE FROM {TABLE} WHERE tag = ?", tag)))
         code = proc.returncode if proc.returncode is not None else -signal.SIGKILL
         result = Result(code, list(out), list(err))
         if check and (timed_out or code != 0):

@@ -13,6 +13,7 @@ id instead of waiting in line).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, ClassVar, Mapping, Sequence
 
@@ -67,14 +68,16 @@ class _RepoStep(Participant):
         family = self._family()
         try:
             repo = params_repo(family.config, workitem.params)
-            return await self.act(family, workitem, repo)
-        except StepFailed as exc:
-            return Reply.failed(str(exc))
-        except ProgramFailed as exc:
-            return Reply.failed(str(exc))
+            reply = await self.act(family, workitem, repo)
+        except (StepFailed, ProgramFailed) as exc:
+            reply = Reply.failed(str(exc))
         finally:
             if workitem.key not in family.waiting and not family.locks.queued(workitem.key):
                 family.progress.pop(workitem.key, None)
+        if reply.kind == "pending":
+            return reply
+        # the records of the programs it ran go in the answer's commit
+        return dataclasses.replace(reply, ops=(*reply.ops, family.runner.forget(workitem.key)))
 
     async def act(self, family: RepoFamily, wi: Workitem, repo: Any) -> Reply:
         raise NotImplementedError
@@ -116,6 +119,10 @@ class RepoSync(_RepoStep):
 
     async def act(self, family: RepoFamily, wi: Workitem, repo: Any) -> Reply:
         return await family.sync(wi, repo)
+
+    async def cancel(self, workitem: Workitem) -> None:
+        await super().cancel(workitem)
+        await self._family().discard_partial(workitem.key)
 
 
 class RepoVerify(_RepoStep):

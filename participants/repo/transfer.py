@@ -30,6 +30,7 @@ from participants.repo.config import Destination, Repository, name_problem
 RSYNC = "rsync"
 _STAT = re.compile(r"^(Number of files|Number of created files|Number of deleted files|"
                    r"Number of regular files transferred|Total transferred file size):\s*([\d,]+)(.*)$")
+_PLAIN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]*(/[A-Za-z0-9_][A-Za-z0-9._+-]*)*$")
 _REG = re.compile(r"reg:\s*([\d,]+)")
 
 
@@ -114,6 +115,8 @@ class Transfer:
     def _metadata_filters(self, names: Sequence[str]) -> list[str]:
         rules: list[str] = []
         for name in names:
+            if not _PLAIN.match(name):
+                raise ValueError(f"{name!r} is not a plain relative path")
             parts = name.split("/")
             for depth in range(1, len(parts)):
                 rule = option("--include=/" + "/".join(parts[:depth]) + "/")
@@ -133,14 +136,16 @@ class Transfer:
         common = [RSYNC, "-a", "--delete", "--mkpath", "--stats", "--info=progress2", *self.remote_shell()]
         if previous:
             common.append(option(f"--link-dest=../{_check_name(previous)}"))
+        if self.repo.bwlimit:
+            common.append(option(f"--bwlimit={int(self.repo.bwlimit)}"))
         packages = [*common, *(option(f"--exclude=/{m}") for m in self.repo.metadata), source, target]
         # the metadata is small: compared by content, not by size and time
         metadata = [*common, "--checksum", *self._metadata_filters(self.repo.metadata), source, target]
         return [packages, metadata]
 
-    def fetch_argv(self, name: str, list_file: Path, into: Path) -> list[str]:
-        """Copy the files named in ``list_file`` (paths in the snapshot) back into ``into``."""
-        return [RSYNC, "-a", "-r", *self.remote_shell(), option(f"--files-from={list_file}"),
+    def fetch_argv(self, name: str, paths: Sequence[str], into: Path) -> list[str]:
+        """Copy ``paths`` (plain relative paths in the snapshot) back into ``into``."""
+        return [RSYNC, "-a", *self.remote_shell(), *self._metadata_filters(paths),
                 self.url("snapshots", _check_name(name)) + "/", operand(str(into) + "/", "directory")]
 
     def push_argv(self, name: str, local_file: Path, relative_dir: str) -> list[str]:

@@ -8,11 +8,13 @@ what was meant to be).
 from __future__ import annotations
 
 import hashlib
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+_PLAIN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]*(/[A-Za-z0-9_][A-Za-z0-9._+-]*)*$")
 ALGORITHMS = {"sha": "sha1", "sha1": "sha1", "sha224": "sha224", "sha256": "sha256", "sha384": "sha384",
               "sha512": "sha512", "md5": "md5"}
 
@@ -40,7 +42,7 @@ def listed(repomd: bytes) -> list[Listed]:
             raise ValueError(f"repomd.xml: data {data.get('type', '?')!r} lacks a checksum or a location")
         href = str(location.get("href"))
         parts = href.split("/")
-        if href.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in href:
+        if not _PLAIN.match(href) or any(p in (".", "..") for p in parts):
             raise ValueError(f"repomd.xml: location {href!r} is not a plain path inside the repository")
         algorithm = ALGORITHMS.get((checksum.get("type") or "").lower())
         if algorithm is None:

@@ -7,14 +7,11 @@ A missing binary skips on a laptop and fails under CI (``tests.servers.need``).
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import re
 import shutil
 import subprocess
 import tempfile
 import textwrap
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -31,11 +28,10 @@ from participants.builtin import Echo, Hold
 from participants.repo import RepoLock, RepoPublish, RepoRollback, RepoSign, RepoSync, RepoVerify
 from participants.repo.config import RepoConfig, check_section
 from tests.servers import need, require_binary
+from tests.serverkit.repotree import markers, published, write_tree
 from tests.serverkit.rsyncd import Rsyncd, start_rsyncd
 from tests.serverkit.sshd import Sshd, start_sshd
 
-_TICK = int(time.time()) - 100_000
-MARKER = re.compile(rb"marker:(\S+)")
 
 PUBLISH = """\
 name: publish
@@ -62,6 +58,10 @@ steps:
 """
 
 
+__all__ = ["GpgKey", "PUBLISH", "ROLLBACK", "config_for", "config_from", "family_of", "markers", "published",
+           "repo_engine", "repo_participants", "settle", "write_tree"]
+
+
 def repo_participants() -> list[Any]:
     return [RepoLock(), RepoSync(), RepoVerify(), RepoSign(), RepoPublish(), RepoRollback()]
 
@@ -81,53 +81,6 @@ def config_for(repos: Mapping[str, Mapping[str, Any]], **top: Any) -> RepoConfig
     config, problems = config_from(text)
     assert not problems, problems
     return config
-
-
-# -- trees ---------------------------------------------------------------------------
-
-def write_tree(src: Path, marker: str, packages: int = 20, changed: int | None = None,
-               size: int = 64) -> None:
-    """A repository tree: ``Packages/p<N>.rpm`` and ``repodata/`` (primary,
-    repomd.xml with its checksum), every file starting with ``marker:<marker>``.
-    ``changed``: rewrite only the first ``changed`` packages (and the metadata)."""
-    global _TICK
-    _TICK += 2       # a new whole second: rsync's quick check compares size and mtime
-    (src / "Packages").mkdir(parents=True, exist_ok=True)
-    (src / "repodata").mkdir(parents=True, exist_ok=True)
-    count = packages if changed is None else changed
-    for n in range(count):
-        body = f"marker:{marker}\npackage {n}\n".encode()
-        (src / "Packages" / f"p{n:05d}.rpm").write_bytes(body + b"x" * max(0, size - len(body)))
-    primary = f"marker:{marker}\n" + "".join(f"p{n:05d}.rpm\n" for n in range(packages))
-    for old in (src / "repodata").glob("*-primary.xml"):
-        old.unlink()
-    digest = hashlib.sha256(primary.encode()).hexdigest()
-    (src / "repodata" / f"{digest[:12]}-primary.xml").write_text(primary)
-    (src / "repodata" / "repomd.xml").write_text(
-        f"<!-- marker:{marker} -->\n"
-        '<repomd xmlns="http://linux.duke.edu/metadata/repo">\n'
-        f'  <data type="primary"><checksum type="sha256">{digest}</checksum>'
-        f'<location href="repodata/{digest[:12]}-primary.xml"/></data>\n'
-        "</repomd>\n")
-    written = [src / "repodata" / "repomd.xml", src / "repodata" / f"{digest[:12]}-primary.xml"]
-    written += [src / "Packages" / f"p{n:05d}.rpm" for n in range(count)]
-    for path in written:
-        os.utime(path, (_TICK, _TICK))
-
-
-def markers(tree: Path) -> set[str]:
-    """The markers of every regular file under ``tree`` (skipping signatures)."""
-    found: set[str] = set()
-    for path in tree.rglob("*"):
-        if path.is_file() and not path.name.endswith(".asc"):
-            match = MARKER.search(path.read_bytes()[:200])
-            found.add(match.group(1).decode() if match else "<none>")
-    return found
-
-
-def published(dest: Path) -> Path:
-    """The snapshot ``current`` resolves to, resolved once (as a reader would)."""
-    return Path(os.path.realpath(dest / "current"))
 
 
 # -- engines -------------------------------------------------------------------------
