@@ -29,8 +29,8 @@ import fnmatch
 import logging
 from dataclasses import dataclass, field
 
-from bot.chat import (UNVERIFIED, VERIFIED_CONSOLE, VERIFIED_HOSTMASK, VERIFIED_JID,
-                      VERIFIED_SERVICES, Identity)
+from bot.chat import (UNVERIFIED, VERIFIED_CONSOLE, VERIFIED_HOSTMASK, VERIFIED_JID, VERIFIED_MAIL_DOMAIN,
+                      VERIFIED_MAIL_TOKEN, VERIFIED_SERVICES, Identity)
 from engine.errors import Refusal
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,14 @@ class Directory:
                                    for pat in ids.hostmasks):
                         return Caller(ident, user, VERIFIED_HOSTMASK)
             return Caller(ident, None, ident.verified_by)
+        if ident.protocol == "email" and ident.account and ident.verified_by in (VERIFIED_MAIL_TOKEN,
+                                                                                 VERIFIED_MAIL_DOMAIN):
+            # the email front-end identified the user (bot.transports.email.inbound.identify):
+            # the account is their name, and the mail came from one of their addresses
+            user = self.users.get(ident.account)
+            if user is not None and ident.handle.lower() in {e.lower() for e in user.emails}:
+                return Caller(ident, user, ident.verified_by)
+            return Caller(ident, None, UNVERIFIED)
         if ident.protocol == "xmpp" and ident.account and ident.verified_by == VERIFIED_JID:
             user = self._xmpp.get(ident.account.lower())
             return Caller(ident, user, VERIFIED_JID if user else ident.verified_by)

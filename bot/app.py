@@ -17,7 +17,7 @@ from bot.pacing import Cooldown
 from bot.router import Router
 from bot.transports import front_end
 from engine.engine import Engine
-from engine.participant_runtime import ParticipantEnv
+from engine.participant_runtime import ParticipantEnv, Storage
 from engine.participants import ParticipantRegistry
 from engine.store import Store
 from notifiers.outbox import Outbox, Settings
@@ -65,9 +65,9 @@ def reacher(cfg: BotConfig) -> Any:
 def message_domain(cfg: BotConfig) -> str:
     """The right-hand side of the Message-IDs of the bot's mail: its own address's domain."""
     for net in cfg.networks:
-        sender = getattr(net, "sender", None) or getattr(net, "from_address", None)
-        if net.protocol == "email" and isinstance(sender, str) and "@" in sender:
-            return sender.rsplit("@", 1)[1]
+        domain = getattr(getattr(net, "sender", None), "domain", None)
+        if net.protocol == "email" and isinstance(domain, str) and domain:
+            return domain.lower()
     return "releasebot.invalid"
 
 
@@ -116,7 +116,7 @@ class App:
         self.dispatcher = Dispatcher(self.engine, directory, default_registry(),
                                      cooldown=Cooldown(cfg.rate_commands, cfg.rate_window), outbox=self.outbox,
                                      routing=self.routing)
-        self.router = Router(self.dispatcher, max_room_lines=cfg.max_room_lines)
+        self.router = Router(self.dispatcher, max_room_lines=cfg.max_room_lines, outbox=self.outbox)
 
     async def start(self, extra_transports: list[Any] = ()) -> None:  # type: ignore[assignment]
         await asyncio.to_thread(self.store.open)
@@ -128,6 +128,7 @@ class App:
         for cfg in self.config.networks:
             self.transports.append(transport_for(cfg))
         self.transports.extend(extra_transports)
+        await self._mail_in()
         for transport in self.transports:
             try:
                 await self.router.serve(transport)
@@ -141,6 +142,29 @@ class App:
         self.engine.bus.subscribe(self._committed)
         await self.outbox.start()
         await self.flusher.start()
+
+    async def _mail_in(self) -> None:
+        """The email front-ends that take mail get the database (their ``email`` tables),
+        the users' addresses and the command parser; the outbox gets their reply addresses."""
+        receiving = {t.network: t for t in self.transports if getattr(t, "protocol", "") == "email"
+                     and getattr(t.config, "receives", False)}
+        if not receiving:
+            return
+        from bot.transports.email.schema import MIGRATIONS, OWNER
+        await self.store.migrate_participant(OWNER, MIGRATIONS)
+        users = {u.name: tuple(u.emails) for u in self.config.users if u.emails}
+        commands = self.dispatcher.registry.commands
+
+        def is_command(text: str) -> bool:
+            words = text.split()
+            return bool(words) and words[0].lower() in commands
+        for transport in receiving.values():
+            transport.use(Storage(self.store, OWNER), users, is_command)
+
+        def issue_token(network: str, user: str, purpose: str, ref: str, expires: float) -> Any:
+            transport = receiving.get(network)
+            return transport.issue_token(user, purpose, ref, expires) if transport is not None else None
+        self.outbox.issue_token = issue_token
 
     async def _committed(self, _event: Any) -> None:
         self.outbox.wake()

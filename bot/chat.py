@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 from engine.errors import ReleasebotError
 
@@ -40,6 +40,8 @@ VERIFIED_SERVICES = "services account"        # IRC: account-tag / account-notif
 VERIFIED_HOSTMASK = "hostmask (weaker)"      # IRC: nick!user@host pattern explicitly allowed in users.yaml
 VERIFIED_JID = "server-verified JID"          # XMPP direct message or MUC exposing real JIDs
 VERIFIED_CONSOLE = "local console"            # whoever runs the console is the configured user
+VERIFIED_MAIL_TOKEN = "single-use reply address"   # mail: a reply to an address only that user was sent
+VERIFIED_MAIL_DOMAIN = "sender's domain (Authentication-Results; weaker)"   # mail: the domain, not the mailbox
 UNVERIFIED = "not verified"
 
 
@@ -90,6 +92,13 @@ class Message:
     sender: Identity
     text: str
     room: Room | None = None      # None: a private/direct message
+    # Mail only (the email front-end's inbox, see bot.transports.email.receiver):
+    commit_with: tuple[Any, ...] = ()   # store ops written with the command's effect, or with its reply:
+                                        # the mail's "handled" mark, so its effect happens once
+    spend: tuple[Any, ...] = ()         # written only with an effect: the reply address used up
+    thread: str = ""                    # the mail's Message-ID: the reply goes in its thread
+    refusal: str = ""                   # not a command: why the mail was refused (the claimed
+                                        # user, ``sender.account``, if any, is told once)
 
 
 @dataclass(frozen=True)

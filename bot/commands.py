@@ -20,7 +20,7 @@ from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
 from bot.access import (ADMINS, Caller, Directory, NotAuthorised, User, WrongProject, authorise_launch,
                         authorise_manage, authorise_read)
-from bot.chat import VERIFIED_CONSOLE, Identity, Message
+from bot.chat import VERIFIED_CONSOLE, VERIFIED_MAIL_TOKEN, Identity, Message
 from bot.logsafety import sanitise
 from bot.pacing import Cooldown
 from bot.rendering import detail_lines, history_line, schedule_line, summary_line
@@ -80,7 +80,8 @@ class Context:
     outbox: Any = None                 # notifiers.outbox.Outbox, if the bot has one
     routing: Any = None                # notifiers.routing.Routing, if the bot has one
     acting_for: str = ""               # console `as <user>`: the admin who typed it
-    durable: bool = False              # the reply was written to the outbox with the change it reports
+    durable: bool = False
+    consumed: bool = False             # the mail's handled mark was written with the effect (not the reply)              # the reply was written to the outbox with the change it reports
 
     async def acknowledged(self, change: Callable[[Any], Awaitable[R]], text: Callable[[R], str]) -> list[str]:
         """Make a change whose reply is durable: ``change(ack)`` calls the engine
@@ -92,13 +93,17 @@ class Context:
         if self.outbox is None or to is None:
             return [text(await change(None))]
         cause = f"reply {uuid.uuid4().hex}"
-        asked = sanitise(self.message.text.strip(), 60)
-        nick = self.message.sender.nick if self.message.room is not None else ""
+        message = self.message
+        asked = sanitise(message.text.strip(), 60)
+        nick = message.sender.nick if message.room is not None else ""
+        thread = (message.thread,) if message.thread else ()
 
         def ack(result: Any) -> Any:
             line = f"{text(result)} (re: {asked})"
-            return self.outbox.rows(cause, [to], f"{nick}: {line}" if nick else line,
-                                    origin=f"reply to {self.actor}", hint=self.message.sender.handle)
+            return [*self.outbox.rows(cause, [to], f"{nick}: {line}" if nick else line, subject=f"Re: {asked}",
+                                      in_reply_to=message.thread, references=thread,
+                                      origin=f"reply to {self.actor}", hint=message.sender.handle),
+                    *message.commit_with, *message.spend]      # a mail's effect and its handled mark: one commit
         result = await change(ack)
         self.durable = True
         self.outbox.wake()
@@ -108,6 +113,8 @@ class Context:
         message = self.message
         if message.sender.protocol == "console":
             return None
+        if message.sender.protocol == "email":      # to the user's configured address, in the mail's thread
+            return Address("user", message.sender.network, self.caller.user.name) if self.caller.user else None
         if message.room is not None:
             return Address("room", message.room.network, message.room.name)
         if self.caller.user is None:
@@ -139,6 +146,7 @@ class Response:
     lines: list[str]
     ok: bool = True
     durable: bool = False     # already in the outbox (written with the change): the router does not send it
+    consumed: bool = False    # a mail's handled mark went with the effect; the reply still has to be sent
 
 
 @dataclass
@@ -204,7 +212,7 @@ class Dispatcher:
         except Refusal as exc:
             return Response([str(exc)], ok=False)
         log.info("%s ran %r", ctx.actor, sanitise(words))
-        return Response(lines, durable=ctx.durable)
+        return Response(lines, durable=ctx.durable, consumed=ctx.consumed)
 
 
 def rate_key(caller: Caller) -> str:
@@ -437,10 +445,15 @@ def _qid(ctx: Context, text: str) -> int:
 async def _answer(ctx: Context, qid_text: str, choice: str, comment: list[str]) -> list[str]:
     ask = _ask(ctx)
     ident = ctx.message.sender
+    if ident.protocol == "email" and ident.verified_by != VERIFIED_MAIL_TOKEN:
+        raise NotAuthorised("not authorised: a mail vouched for only by its domain cannot answer a question; "
+                            "reply to the question's own mail")
     how = ctx.caller.how if not ctx.acting_for else f"console, as {ctx.caller.user.name if ctx.caller.user else '?'} " \
                                                       f"by {ctx.acting_for}"
     line = await ask.answer(_qid(ctx, qid_text), ctx.user, choice, " ".join(comment), network=f"{ident.protocol}:"
-                            f"{ident.network}", how=how, actor=ctx.actor)
+                            f"{ident.network}", how=how, actor=ctx.actor,
+                            extra=[*ctx.message.commit_with, *ctx.message.spend])
+    ctx.consumed = bool(ctx.message.commit_with)
     return [line]
 
 

@@ -120,7 +120,7 @@ class Stats:
 
 Reach = Callable[[str, str], "Person | None"]
 """(user name, network) -> how to reach that user there now, or None."""
-IssueToken = Callable[[str, str, str, str, float], tuple[str, Sequence[Op]]]
+IssueToken = Callable[[str, str, str, str, float], "tuple[str, Sequence[Op]] | None"]
 """(email network, user, purpose, what it refers to, expires) -> a single-use
 reply address and the ops that store it (the email front-end's tokens)."""
 
@@ -178,8 +178,10 @@ class Outbox:
                 if (address.kind == "user" and self.issue_token is not None
                         and self.book.networks.get(address.network) == "email"):
                     purpose, ref, expires = reply or ("thread", dedupe, now + 30 * 86400.0)
-                    reply_to, ops = self.issue_token(address.network, address.target, purpose, ref, expires)
-                    extra += ops
+                    issued = self.issue_token(address.network, address.target, purpose, ref, expires)
+                    if issued is not None:      # None: no mail comes in on that network
+                        reply_to, ops = issued
+                        extra += ops
                 values.append((dedupe, address.key, address.kind, address.network, address.target,
                                hint if address.kind == "user" else "", project,
                                origin[:200], text, subject, body, self.message_id(dedupe), in_reply_to,

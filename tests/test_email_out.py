@@ -393,7 +393,7 @@ def test_problems_are_reported_at_their_line(monkeypatch: pytest.MonkeyPatch) ->
     assert cfg is None
     assert problems == [
         "conf/bot.yaml:11: email network 'mail': unknown key 'colour' (expected name, smtp_host, smtp_port, "
-        "security, user, password_env, from, ca_file, timeout, helo, idle_timeout)",
+        "security, user, password_env, from, ca_file, timeout, helo, idle_timeout, reply_address, token_lifetime, imap, listen, trust)",
         "conf/bot.yaml:7: email network 'mail': smtp_port: expected 1..65535",
         "conf/bot.yaml:6: email network 'mail': security: expected one of starttls, tls, plaintext",
         "conf/bot.yaml:5: email network 'mail': from: contains control characters (a newline, a tab, ...)",

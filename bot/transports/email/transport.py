@@ -5,17 +5,20 @@ in ``accounts``); rooms and chat identities have no mailbox here, and sending
 to one is a ``TransportError``.  No connection is held open while there is
 nothing to send: ``ready`` is True until ``close`` (or while a refused login
 holds sending off, see ``sender``), and the first message opens one.
-Incoming mail arrives in later modules of this package; ``start`` records
-the handler they will call.
+Incoming mail (``receiver``: IMAP and/or an SMTP listener, as configured)
+needs the bot's database: the app calls ``use`` before ``start``.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any, Callable, Collection, Mapping
 
 from bot.chat import MessageHandler, NotDelivered, Outgoing, Person, Target, TransportError, Undeliverable
 from bot.transports.email.config import EmailConfig
 from bot.transports.email.message import BadMessage, build, envelope
+from bot.transports.email.receiver import MailIn
+from bot.transports.email.schema import Storage
 from bot.transports.email.sender import Job, Sender
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,17 @@ class EmailTransport:
         self.sender = Sender(config)
         self._on_message: MessageHandler | None = None
         self._closed = False
+        self.mail_in: MailIn | None = None
+
+    def use(self, storage: Storage, users: Mapping[str, Collection[str]], is_command: Callable[[str], bool]) -> None:
+        """Give mail in what it needs: the bot's database (the ``email`` tables),
+        each user's configured addresses, and how to tell a command."""
+        if self.config.receives:
+            self.mail_in = MailIn(self.config, storage, users, is_command)
+
+    def issue_token(self, user: str, purpose: str, ref: str, expires: float) -> tuple[str, list[Any]] | None:
+        """A single-use reply address for a mail to ``user``, if mail comes in here."""
+        return self.mail_in.issue_token(user, purpose, ref, expires) if self.mail_in is not None else None
 
     @property
     def ready(self) -> bool:
@@ -56,6 +70,13 @@ class EmailTransport:
         self._on_message = on_message
         log.info("email %s: sending through %s:%d (%s) as %s", self.network, self.config.smtp_host,
                  self.config.port, self.config.security, self.config.sender.addr_spec)
+        if self.config.receives:
+            if self.mail_in is None:
+                raise TransportError(f"email {self.network}: mail in is configured but has no database (use())")
+            try:
+                await self.mail_in.start(on_message)
+            except (OSError, ValueError) as exc:
+                raise TransportError(f"email {self.network}: mail in cannot start: {exc}") from exc
 
     async def send(self, target: Target, text: str | Outgoing) -> asyncio.Future[None]:
         """Queue one mail to every address of ``target`` and return its receipt
@@ -91,6 +112,8 @@ class EmailTransport:
         if self._closed:
             return
         self._closed = True
+        if self.mail_in is not None:
+            await self.mail_in.stop()
         await self.sender.close(flush_timeout)
         log.info("email %s: closed", self.network)
 
