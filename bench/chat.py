@@ -14,7 +14,8 @@ import asyncio
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]   # bench/bugzilla.py
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))                                       # is not python-bugzilla
 
 from bench import chat_irc, chat_xmpp  # noqa: E402
 

@@ -25,7 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]   # bench/bugzilla.py
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))                                       # is not python-bugzilla
 
 from bench.chat_common import INSTANCES, close, ps_engine  # noqa: E402
 from bot.access import Directory, User  # noqa: E402

@@ -24,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]   # bench/bugzilla.py
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))                                       # is not python-bugzilla
 
 import aiosmtplib  # noqa: E402
 
