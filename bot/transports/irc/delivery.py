@@ -73,7 +73,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
-from bot.chat import NotDelivered, Undeliverable
+from bot.chat import NotDelivered, Offline, Undeliverable
 from bot.logsafety import sanitise
 from bot.outqueue import FairQueue, overflow_note
 from bot.pacing import TokenBucket
@@ -380,7 +380,7 @@ class Delivery:
     def _gone(self, line: OutLine, why: str) -> NotDelivered:
         receipt = line.receipt
         if receipt is not None and receipt.person is not None:
-            return NotDelivered(f"{receipt.person} is not online on {self.network} under a verified nick ({why})")
+            return Offline(f"{receipt.person} is not online on {self.network} under a verified nick ({why})")
         return NotDelivered(f"{self.network}: not delivered to {sanitise(line.dest.name, 60)}: {why}")
 
     def fail_open(self, error: NotDelivered) -> None:

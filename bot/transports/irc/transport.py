@@ -21,7 +21,7 @@ import irc.client
 import irc.connection
 
 from bot.addressing import command_text
-from bot.chat import (UNVERIFIED, VERIFIED_SERVICES, Identity, Message, MessageHandler, NotDelivered, Outgoing,
+from bot.chat import (UNVERIFIED, VERIFIED_SERVICES, Identity, Message, MessageHandler, NotDelivered, Offline, Outgoing,
                       Person, Room, Target, TransportError, Undeliverable)
 from bot.logsafety import sanitise
 from bot.network import Backoff
@@ -152,7 +152,7 @@ class IrcTransport:
                 return Dest(self.fold(nick), nick, True, account=account, userhost=userhost)
         nick = hint or (person.accounts[0] if person.accounts else "")
         if not person.accounts or not _good_name(nick):
-            receipt.fail(NotDelivered(offline))      # a hostmask alone says nothing of a nick we do not see
+            receipt.fail(Offline(offline))      # a hostmask alone says nothing of a nick we do not see
             return None
         return Dest(self.fold(nick), nick, True, account=person.accounts[0], more_accounts=person.accounts[1:])
 
