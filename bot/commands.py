@@ -334,7 +334,16 @@ async def _readable(ctx: Context, iid: int) -> None:
 async def cmd_show(ctx: Context) -> list[str]:
     iid = parse_id(ctx)
     await _readable(ctx, iid)
-    return detail_lines(await ctx.engine.describe(iid))
+    lines = detail_lines(await ctx.engine.describe(iid))
+    # what a long step is doing now (rsync's progress, a wait for a lock): kept by its participant,
+    # never written to the history
+    for row in await ctx.engine.store.workitems(instance_id=iid):
+        participant = ctx.engine.participants.get(row.participant)
+        progress = getattr(participant, "progress", None)
+        now = progress(row.key) if callable(progress) else None
+        if now:
+            lines.append(f"progress of {row.step}: {sanitise(str(now), 200)}")
+    return lines
 
 
 @command("history <id>", "every transition of an instance: time, step, event, actor")
@@ -530,6 +539,64 @@ async def cmd_decisions(ctx: Context) -> list[str]:
         lines.append(f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(q.ended or q.asked))} {q.label} "
                      f"{q.process} #{q.instance_id} {q.project}: {q.question} -> {q.outcome} ({q.state}): {who}")
     return lines
+
+
+def _repos(ctx: Context) -> Any:
+    repo = ctx.engine.participants.get("repo_publish") if ctx.engine is not None else None
+    if repo is None or not hasattr(repo, "publish_request"):
+        raise CommandError("this bot publishes no repositories")
+    return repo
+
+
+async def _launch_for(ctx: Context, process: str, fields: dict[str, Any]) -> list[str]:
+    spec = ctx.engine.specs.get(process)
+    if spec is None:
+        raise CommandError(f"the process {process} is not installed (conf/processes/{process}.yaml)")
+    authorise_launch(ctx.user, process, spec.project, tuple(spec.launch_roles), fields.get("project"))
+    return await ctx.acknowledged(lambda ack: ctx.engine.launch(process, fields, actor=ctx.actor, ack=ack),
+                                  lambda iid: f"launched {process} for {fields['repo']} as #{iid}")
+
+
+@command("publish <repo> [force]", "publish a repository now (force: even during a freeze, with the "
+         "publishers-override role)")
+async def cmd_publish(ctx: Context) -> list[str]:
+    if not ctx.args or len(ctx.args) > 2 or (len(ctx.args) == 2 and ctx.args[1] != "force"):
+        raise ctx.usage_error("expected a repository name, and maybe force")
+    try:
+        process, fields = _repos(ctx).publish_request(ctx.args[0], len(ctx.args) == 2)
+    except ValueError as exc:
+        raise ctx.usage_error(sanitise(str(exc), 200)) from None
+    if fields.get("force") and not ctx.user.has_role("publishers-override", fields.get("project")):
+        raise NotAuthorised(f"not authorised: force needs publishers-override on {fields.get('project')}")
+    return await _launch_for(ctx, process, fields)
+
+
+@command("rollback <repo>", "publish the snapshot before the current one again (taking the lock)")
+async def cmd_rollback(ctx: Context) -> list[str]:
+    if len(ctx.args) != 1:
+        raise ctx.usage_error("expected a repository name")
+    try:
+        process, fields = _repos(ctx).rollback_request(ctx.args[0])
+    except ValueError as exc:
+        raise ctx.usage_error(sanitise(str(exc), 200)) from None
+    return await _launch_for(ctx, process, fields)
+
+
+@command("repos", "each repository: last publish, state, lock holder and queue")
+async def cmd_repos(ctx: Context) -> list[str]:
+    if ctx.args:
+        raise ctx.usage_error("unexpected arguments")
+    lines = []
+    for r in await _repos(ctx).repos_status():
+        if not ctx.user.may_read(r.project):
+            continue
+        when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(r.published)) if r.published else "never"
+        holder = f"; lock: #{r.holder}" if r.holder else ""
+        queue = f"; queued: {', '.join(f'#{i}' for i in r.queue)}" if r.queue else ""
+        by = f" by #{r.published_by}" if r.published_by else ""
+        lines.append(f"{r.name} ({r.project}): {r.state}; published {r.current or 'nothing'} {when}{by}"
+                     f"{holder}{queue}")
+    return lines or ["no repositories you may see"]
 
 
 @command("bug <tracker> <id>", "a Bugzilla bug's status, resolution and summary (read-only)")

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES="ngircd inspircd anope prosody lua-unbound openssl rsync openssh-server gnupg dovecot-imapd swaks"
+PACKAGES="ngircd inspircd anope prosody lua-unbound openssl rsync openssh-server openssh-client gnupg gpgv dovecot-imapd swaks"
 missing=""
 for p in $PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
