@@ -103,7 +103,7 @@ class App:
                              timezone=cfg.timezone, participant_env=env)
         self.routing = Routing(self.store, self.outbox, cfg.notifications, timezone=cfg.timezone)
         self.engine.watch(self.routing.rows_for)       # events routed in the commit that makes them
-        self.flusher = Flusher(self.routing)
+        self.flusher = Flusher(self.routing, interval=min(5.0, cfg.notifications.flood_window / 2))
         book = cfg.book
         mail_networks = set(book.email_networks())
 

@@ -83,6 +83,7 @@ class NotificationConfig:
     projects: Mapping[str, ProjectRoutes] = field(default_factory=dict)
     templates: Mapping[str, Template] = field(default_factory=dict)
     flood_per_minute: int = 20
+    flood_window: float = 60.0          # the window those lines are counted in (a minute, unless told)
 
     def routes_for(self, project: str | None) -> list[Route]:
         """The routes of ``project``: its parents' (root first), extended or overridden."""
@@ -97,8 +98,9 @@ class NotificationConfig:
 
 def parse_notifications(top: Section, book: Book) -> NotificationConfig:
     """``bot.yaml`` ``notifications:``, checked with file:line."""
-    section = top.sub("notifications", ("projects", "templates", "flood_per_minute"))
+    section = top.sub("notifications", ("projects", "templates", "flood_per_minute", "flood_window"))
     flood = section.get("flood_per_minute", int, 20, lambda v: None if 1 <= v <= 1000 else "1 to 1000")
+    window = section.duration("flood_window", 60.0, minimum=1.0)
     templates: dict[str, Template] = {}
     tnode = section.raw("templates", {})
     if isinstance(tnode, Mapping):
@@ -150,7 +152,7 @@ def parse_notifications(top: Section, book: Book) -> NotificationConfig:
                 route.problem(None, "a route needs events and to")
             routes.append(Route(tuple(patterns), tuple(to)))
         projects[str(name)] = ProjectRoutes(tuple(routes), inherit == "override")
-    return NotificationConfig(projects, templates, flood)
+    return NotificationConfig(projects, templates, flood, window)
 
 
 def _line(node: Any, key: Any, section: Section) -> int:

@@ -155,8 +155,9 @@ class Routing:
             text, subject, body = self.render(event, kind)
             cause = f"event {event.instance_id} {event.at!r} {event.path} {event.event}"
             now = self.clock()
+            span = self.config.flood_window
             for key, address in dests.items():
-                minute = now - now % 60
+                minute = now - now % span
                 start, count = self._window.get(key, (minute, 0))
                 if start != minute:
                     start, count = minute, 0
@@ -271,7 +272,7 @@ class Flusher:
         """Queue every finished minute's summary and every digest now due; returns how many messages."""
         routing, storage = self.routing, self.routing.storage
         now = routing.clock()
-        minute = now - now % 60
+        minute = now - now % routing.config.flood_window
         sent = 0
         held = await storage.query("SELECT dest, window, kind, project, COUNT(*), MAX(id) FROM notify_held "
                                    "WHERE window < ? GROUP BY dest, window, kind, project ORDER BY dest, window",
@@ -284,9 +285,8 @@ class Flusher:
             top = max(p[3] for p in parts)
             what = ", ".join(f"{count} {kind}" + (f" in {project}" if project else "")
                              for kind, project, count, _ in sorted(parts, key=lambda p: -p[2]))
-            text = (f"... and {total} more event(s) in the minute from "
-                    f"{time.strftime('%H:%M', time.gmtime(window))} UTC, not sent one by one: {what} "
-                    "(history and ps have each)")
+            text = (f"... and {total} more event(s) since {time.strftime('%H:%M:%S', time.gmtime(window))} UTC, "
+                    f"not sent one by one: {what} (history and ps have each)")
             address = _address(dest)
             ops = routing.outbox.rows(f"summary {window!r}", [address], text, subject="[release bot] summary",
                                       origin="flood summary")
