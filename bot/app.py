@@ -95,7 +95,7 @@ class App:
         directory = Directory(cfg.users)
         settings = cfg.outbox
         self.outbox = Outbox(self.store, cfg.book, reacher(cfg), settings=Settings(
-            retry_min=settings.retry_min, retry_max=settings.retry_max, give_up=settings.give_up,
+            retry_min=settings.retry_min, retry_max=settings.retry_max, give_up=settings.give_up, keep=settings.keep,
             message_domain=message_domain(cfg)) if settings is not None else None)
         # each participant's checked section of bot.yaml, the users and the outbox reach its setup(services)
         env = ParticipantEnv(config=cfg.participant_config, users=directory, outbox=self.outbox)

@@ -344,15 +344,18 @@ class OutboxSettings:
     retry_min: float = 2.0
     retry_max: float = 300.0
     give_up: float = 7 * 86400.0
+    keep: float = 30 * 86400.0
 
 
 def _outbox_settings(top: Section) -> OutboxSettings:
-    """``outbox: {retry_min, retry_max, give_up}``: how long undelivered messages wait."""
-    section = top.sub("outbox", ("retry_min", "retry_max", "give_up"))
+    """``outbox: {retry_min, retry_max, give_up, keep}``: how long undelivered messages wait,
+    and how long settled ones are kept (for ``outbox``)."""
+    section = top.sub("outbox", ("retry_min", "retry_max", "give_up", "keep"))
     retry_min = section.duration("retry_min", 2.0, minimum=0.1)
     retry_max = section.duration("retry_max", 300.0, minimum=retry_min)
     give_up = section.duration("give_up", 7 * 86400.0, minimum=60.0, why="a message must get a chance")
-    return OutboxSettings(retry_min, retry_max, give_up)
+    keep = section.duration("keep", 30 * 86400.0, minimum=3600.0)
+    return OutboxSettings(retry_min, retry_max, give_up, keep)
 
 
 def make_book(networks: list[Any], users: list[User]) -> Book:

@@ -87,6 +87,7 @@ class Settings:
     retry_max: float = 300.0        # ... up to this, with +-20% jitter
     give_up: float = 7 * 86400.0    # a message still waiting after this fails
     confirm_timeout: float = 120.0  # a receipt not settled by then counts as not delivered
+    keep: float = 30 * 86400.0      # delivered and failed messages are forgotten after this long
     message_domain: str = "releasebot.invalid"   # right-hand side of the Message-IDs
 
 
@@ -229,9 +230,21 @@ class Outbox:
                 raise TimeoutError(f"outbox: {due[0][0]} message(s) still due")
 
     async def _scan(self) -> None:
+        pruned = 0.0
         while not self._stopping:
-            await self._wake.wait()
+            try:       # wake at least hourly, to forget what was settled long ago
+                await asyncio.wait_for(self._wake.wait(), 3600.0)
+            except asyncio.TimeoutError:
+                pass
             self._wake.clear()
+            if self.clock() - pruned >= 3600.0:
+                pruned = self.clock()
+                try:
+                    await self.storage.write(self.storage.op(
+                        "DELETE FROM outbox_messages WHERE state != 'queued' AND done_at < ?",
+                        pruned - self.settings.keep))
+                except Exception:
+                    log.exception("outbox: cannot forget old messages")
             try:
                 dests = await self.storage.query("SELECT DISTINCT dest FROM outbox_messages WHERE state = 'queued'")
             except Exception:

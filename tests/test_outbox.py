@@ -302,3 +302,25 @@ async def test_launch_reply_is_written_with_the_launch_and_not_sent_twice(tmp_pa
     finally:
         await engine.stop()
         await asyncio.to_thread(store.close)
+
+
+async def test_settled_messages_are_forgotten_after_keep(tmp_path: Path) -> None:
+    clock = ManualClock()
+    store, outbox = await make_outbox(tmp_path, clock=clock.now)
+    try:
+        await store.commit(outbox.rows("old", ["irc:net:#a"], "old") + outbox.rows("new", ["irc:net:#a"], "new")
+                           + outbox.rows("waiting", ["irc:net:#b"], "waiting"))
+        await store.commit([("UPDATE outbox_messages SET state = 'delivered', done_at = ? WHERE text = 'old'",
+                             (clock.now() - 31 * 86400,), False),
+                            ("UPDATE outbox_messages SET state = 'failed', done_at = ? WHERE text = 'new'",
+                             (clock.now() - 86400,), False)])
+        irc = Scripted("net")
+        irc.ready = False
+        outbox.attach({"net": irc})
+        await outbox.start()
+        await asyncio.sleep(0.2)
+        left = await rows(store, "SELECT text FROM outbox_messages ORDER BY id")
+        assert left == [("new",), ("waiting",)]       # a failure a day old stays for `outbox failed`
+    finally:
+        await outbox.stop()
+        await asyncio.to_thread(store.close)
