@@ -45,6 +45,7 @@ both see the same machine).
                                    safety lifted (every match is a row) (goal: >= 20,000)
   routing_rows_per_event           outbox rows per event (what the figure above writes)
   routing_digest_rows_per_event    digest rows per event (subscriptions with a daily digest)
+  routing_rows_written_per_s       outbox and digest rows committed per second meanwhile
 
 ``python bench/notify.py`` (about 50 s; BENCH_ONLY=ratio|email|latency|routing runs one part).
 """
@@ -430,14 +431,16 @@ async def routing_run(work: Path) -> dict[str, float]:
     [(rows,)] = await store.read(lambda c: c.execute("SELECT COUNT(*) FROM outbox_messages").fetchall())
     [(digests,)] = await store.read(lambda c: c.execute("SELECT COUNT(*) FROM notify_digest").fetchall())
     store.close()
-    return {"rate": ROUTING_EVENTS / elapsed, "rows": rows / ROUTING_EVENTS, "digests": digests / ROUTING_EVENTS}
+    return {"rate": ROUTING_EVENTS / elapsed, "rows": rows / ROUTING_EVENTS, "digests": digests / ROUTING_EVENTS,
+            "written": (rows + digests) / elapsed}
 
 
 async def routing_runs(work: Path) -> dict[str, float]:
     results = [await routing_run(work) for _ in range(RUNS)]
     return {"routing_events_per_s": statistics.median(r["rate"] for r in results),
             "routing_rows_per_event": statistics.median(r["rows"] for r in results),
-            "routing_digest_rows_per_event": statistics.median(r["digests"] for r in results)}
+            "routing_digest_rows_per_event": statistics.median(r["digests"] for r in results),
+            "routing_rows_written_per_s": statistics.median(r["written"] for r in results)}
 
 
 async def run() -> dict[str, float]:
