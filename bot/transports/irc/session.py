@@ -327,6 +327,9 @@ class Session:
             else:
                 self.pending_joins.discard(self.fold(channel))
                 self.owner.check_ready(self)
+                # who is there, with user@host (NAMES gives nicks only): what a hostmask
+                # identity is matched against when a message is meant for that person
+                self.queue_control(self.roster.who_channel(channel) if self.roster.whox else f"WHO {channel}")
             return
         userhost = f"{source.user}@{source.host}" if source.user and source.host else None
         if "extended-join" in self.caps and event.arguments:
