@@ -27,6 +27,9 @@ its own process, as it would beside a real MTA.  Prints ``name=value``:
         refuses them (the defaults, 5 per 10 s and 30 per minute, would)
   email_in_answered_per_s
         the same batch, to the last reply received by the sink
+  email_in_accepted_per_s
+        the same batch, to the last mail in the bot's inbox (committed, then 250):
+        how fast the listener takes mail, against how fast the one worker acts on it
   email_in_bot_cpu_ms_per_mail / email_in_clients_cpu_ms_per_mail
         CPU time over the batch (first mail to last launch) per mail: the bot
         process (all its threads), and this process (clients and sink): where
@@ -287,7 +290,7 @@ def batch_rate(bot: RunningBot, sink: SmtpSink, port: int, counter: list[int]) -
     for thread in threads:
         thread.start()
     go.wait()
-    started = time.perf_counter()
+    started, wall_started = time.perf_counter(), time.time()
     cpu_before, own_before = bot.cpu_seconds(), time.process_time()
     total = per_sender * SENDERS
     done = wait_until(lambda: bool(failures) or bot.launched() >= base_launched + total, 60,
@@ -308,7 +311,9 @@ def batch_rate(bot: RunningBot, sink: SmtpSink, port: int, counter: list[int]) -
         client.quit()
     if bot.launched() != base_launched + total:
         raise SystemExit(f"bench/email_e2e.py: {bot.launched() - base_launched} launches for {total} mails")
+    last_accepted = bot.db.execute("SELECT MAX(received) FROM email_inbox WHERE source = 'smtp'").fetchone()[0]
     return {"email_in_per_s": total / (done - started), "email_in_answered_per_s": total / (answered - started),
+            "email_in_accepted_per_s": total / (last_accepted - wall_started),
             "email_in_bot_cpu_ms_per_mail": cpu * 1000 / total, "email_in_clients_cpu_ms_per_mail": own * 1000 / total}
 
 
