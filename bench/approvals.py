@@ -2,8 +2,8 @@
 """Approval benchmarks: the ``ask`` participant answered through the command
 path, against the engine's own figure, and how soon a question reaches
 people on three real networks.  Prints ``name=value`` lines (medians of RUNS
-runs; the ratio from figures measured in the same run, alternated so both
-see the same machine).
+runs, 5 by default; the ratio is the median of per-run ratios of figures
+measured in the same run, alternated so both see the same machine).
 
   durable_processes_per_s   bench/engine.py's figure (its own durable_run: start,
                             quick, a pending step answered by engine.reply, quick, end;
