@@ -79,6 +79,9 @@ def setup_logging(config: BotConfig, console: bool) -> Path | None:
     # SASL exchange (the password, base64-encoded): secrets never reach the log.
     for wire in WIRE_LOGGERS:
         logging.getLogger(wire).setLevel(logging.INFO)
+    # aiosmtpd (the mail listener) logs each SMTP command at INFO: five lines per mail, and
+    # the bot already writes one line per mail it takes
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
     return log_file
 
 

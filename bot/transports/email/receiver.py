@@ -26,6 +26,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from email.parser import BytesHeaderParser
+from email.policy import compat32
 from pathlib import Path
 from typing import Any, Callable, Collection, Mapping
 
@@ -128,10 +130,18 @@ class MailIn:
                 await asyncio.sleep(1.0)
                 self._wake.set()
                 continue
+            # one sender's mails in the order they came, different senders' side by side
+            # (their commits then share a sync to disk)
+            by_sender: dict[str, list[InboxRow]] = {}
             for row in rows:
-                await self._handle(row)
+                by_sender.setdefault(_sender_key(row), []).append(row)
+            await asyncio.gather(*(self._handle_all(group) for group in by_sender.values()))
             if len(rows) == 100:
                 self._wake.set()
+
+    async def _handle_all(self, rows: list[InboxRow]) -> None:
+        for row in rows:
+            await self._handle(row)
 
     async def _handle(self, row: InboxRow) -> None:
         try:
@@ -178,3 +188,14 @@ class MailIn:
         """A single-use reply address for a mail to ``user`` (the outbox calls this)."""
         lifetime = self.config.token_lifetime if purpose == "thread" else max(60.0, expires - self.clock())
         return self.tokens.issue(user, purpose, ref, lifetime)
+
+
+def _sender_key(row: InboxRow) -> str:
+    """Whose mail this is, for ordering: the envelope sender, else the From header (IMAP)."""
+    if row.source == "smtp" and row.envelope_from:
+        return row.envelope_from.lower()
+    try:
+        headers = BytesHeaderParser(policy=compat32).parsebytes(row.raw[:65536])
+        return str(headers.get("From", "")).lower()[:200]
+    except Exception:
+        return ""
