@@ -17,6 +17,7 @@ A user is reached only at an identity the server vouches for right now (see
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -48,12 +49,14 @@ class Address:
     kind: str          # "room" | "mail" | "user"
     network: str
     target: str        # the channel or room, the mail address, the user's name
+    key: str = field(init=False, repr=False, compare=False)
+    lane: int = field(init=False, repr=False, compare=False)     # crc32 of the key (the outbox's index)
 
-    @property
-    def key(self) -> str:
-        if self.kind == "user":
-            return f"user:{self.target}@{self.network}"
-        return f"{self.kind}:{self.network}:{self.target}"
+    def __post_init__(self) -> None:
+        key = (f"user:{self.target}@{self.network}" if self.kind == "user"
+               else f"{self.kind}:{self.network}:{self.target}")
+        object.__setattr__(self, "key", key)
+        object.__setattr__(self, "lane", zlib.crc32(key.encode("utf-8")))
 
     def __str__(self) -> str:
         return self.key

@@ -32,7 +32,9 @@ import dataclasses
 import hashlib
 import logging
 import random
+import struct
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -48,8 +50,12 @@ MIGRATIONS = (
     """
     CREATE TABLE outbox_messages (
         id INTEGER PRIMARY KEY,
-        dedupe TEXT NOT NULL UNIQUE,      -- what caused it x where it goes: written twice, one row
+        dedupe BLOB NOT NULL UNIQUE,      -- the instance it is about (8 bytes, so new keys land together
+                                          -- in the index) and a sha256 of what caused it x where it goes
+                                          -- (8): written twice, one row; also the mail's Message-ID
         dest TEXT NOT NULL,               -- Address.key: delivered in id order per dest
+        lane INTEGER NOT NULL,            -- crc32 of dest: what the index orders by (a number is cheaper
+                                          -- to keep in order than the text; a clash only costs a look)
         kind TEXT NOT NULL,               -- room | mail | user
         network TEXT NOT NULL,
         target TEXT NOT NULL,
@@ -59,7 +65,6 @@ MIGRATIONS = (
         text TEXT NOT NULL,
         subject TEXT NOT NULL DEFAULT '',
         body TEXT NOT NULL DEFAULT '',
-        message_id TEXT NOT NULL,         -- stable across retries
         in_reply_to TEXT NOT NULL DEFAULT '',
         refs TEXT NOT NULL DEFAULT '',
         reply_to TEXT NOT NULL DEFAULT '',   -- a single-use reply address (mail to a user)
@@ -70,14 +75,14 @@ MIGRATIONS = (
         created REAL NOT NULL,
         done_at REAL
     );
-    CREATE INDEX outbox_messages_waiting ON outbox_messages (state, dest, id);
+    CREATE INDEX outbox_messages_waiting ON outbox_messages (lane, id) WHERE state = 'queued';
     """,
 )
 
-_INSERT = ("INSERT OR IGNORE INTO outbox_messages (dedupe, dest, kind, network, target, hint, project, origin, "
-           "text, subject, body, message_id, in_reply_to, refs, reply_to, created) "
+_INSERT = ("INSERT OR IGNORE INTO outbox_messages (dedupe, dest, lane, kind, network, target, hint, project, "
+           "origin, text, subject, body, in_reply_to, refs, reply_to, created) "
            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
-_COLUMNS = ("id, dest, kind, network, target, text, subject, body, message_id, in_reply_to, refs, attempts, "
+_COLUMNS = ("id, dest, kind, network, target, text, subject, body, dedupe, in_reply_to, refs, attempts, "
             "next_at, created, origin, error, hint, reply_to")
 
 
@@ -101,7 +106,7 @@ class Row:
     text: str
     subject: str
     body: str
-    message_id: str
+    dedupe: bytes
     in_reply_to: str
     refs: str
     attempts: int
@@ -159,7 +164,8 @@ class Outbox:
 
     def rows(self, cause: str, to: Iterable[str | Address], text: str, *, subject: str = "", body: str = "",
              in_reply_to: str = "", references: Sequence[str] = (), origin: str = "",
-             project: str | None = None, hint: str = "", reply: tuple[str, str, float] | None = None) -> list[Op]:
+             project: str | None = None, hint: str = "", reply: tuple[str, str, float] | None = None,
+             instance: int = 0) -> list[Op]:
         """The statements that queue a message for every destination in ``to``
         (text is resolved with ``destinations.Book.resolve``: BadDestination
         says why one cannot work): ``text`` for chat; ``subject`` and ``body``
@@ -168,30 +174,46 @@ class Outbox:
         the dedupe key, so the same cause never queues two messages to one
         destination.  A mail to a user carries a single-use reply address
         (when the email front-end takes replies): for ``reply`` = (purpose,
-        what it refers to, expires), e.g. a question; else a thread of its own."""
+        what it refers to, expires), e.g. a question; else a thread of its own.
+        ``instance``: the instance the message is about, if any (keeps the
+        dedupe index's new keys together: cheaper to write)."""
         now = self.clock()
+        prefix = struct.pack(">Q", max(0, instance))
         values = []
         extra: list[Op] = []
+        sha256 = hashlib.sha256
+        origin = origin[:200]
+        refs = " ".join(references)
         for dest in to:
-            for address in (self.book.resolve(dest) if isinstance(dest, str) else [dest]):
-                dedupe = f"{cause}|{address.key}"
+            for address in (self.book.resolve(dest) if isinstance(dest, str) else (dest,)):
+                key = address.key
+                dedupe = prefix + sha256(f"{cause}|{key}".encode("utf-8")).digest()[:8]
                 reply_to = ""
-                if (address.kind == "user" and self.issue_token is not None
-                        and self.book.networks.get(address.network) == "email"):
-                    purpose, ref, expires = reply or ("thread", dedupe, now + 30 * 86400.0)
-                    issued = self.issue_token(address.network, address.target, purpose, ref, expires)
-                    if issued is not None:      # None: no mail comes in on that network
-                        reply_to, ops = issued
-                        extra += ops
-                values.append((dedupe, address.key, address.kind, address.network, address.target,
-                               hint if address.kind == "user" else "", project,
-                               origin[:200], text, subject, body, self.message_id(dedupe), in_reply_to,
-                               " ".join(references), reply_to, now))
+                if address.kind == "user":
+                    if self.issue_token is not None and self.book.networks.get(address.network) == "email":
+                        purpose, ref, expires = reply or ("thread", dedupe.hex(), now + 30 * 86400.0)
+                        issued = self.issue_token(address.network, address.target, purpose, ref, expires)
+                        if issued is not None:      # None: no mail comes in on that network
+                            reply_to, ops = issued
+                            extra += ops
+                    person_hint = hint
+                else:
+                    person_hint = ""
+                values.append((dedupe, key, address.lane, address.kind, address.network, address.target,
+                               person_hint, project, origin, text, subject, body, in_reply_to, refs, reply_to,
+                               now))
         return ([(_INSERT, values, True)] if values else []) + extra
 
-    def message_id(self, dedupe: str) -> str:
-        digest = hashlib.sha256(dedupe.encode("utf-8")).hexdigest()[:32]
-        return f"<{digest}@{self.settings.message_domain}>"
+    @staticmethod
+    def merged(ops: Sequence[Op]) -> list[Op]:
+        """``ops`` with every message insert made one statement (the others after it, in order)."""
+        values = [v for sql, params, many in ops if sql == _INSERT for v in params]
+        rest = [op for op in ops if op[0] != _INSERT]
+        return ([(_INSERT, values, True)] if values else []) + rest
+
+    def message_id(self, dedupe: bytes) -> str:
+        """A row's Message-ID: the same on every try, so a receiver can drop a repeat."""
+        return f"<{dedupe.hex()}@{self.settings.message_domain}>"
 
     def wake(self) -> None:
         """Rows were committed: look for destinations with work."""
@@ -266,8 +288,8 @@ class Outbox:
         while not self._stopping:
             nudge.clear()
             found = await self.storage.query(
-                f"SELECT {_COLUMNS} FROM outbox_messages WHERE state = 'queued' AND dest = ? ORDER BY id LIMIT 1",
-                dest)
+                f"SELECT {_COLUMNS} FROM outbox_messages WHERE state = 'queued' AND lane = ? AND dest = ? "
+                "ORDER BY id LIMIT 1", zlib.crc32(dest.encode("utf-8")), dest)     # = Address.lane
             if not found:
                 return
             row = Row(*found[0])
@@ -334,7 +356,7 @@ class Outbox:
     def _outgoing(self, row: Row) -> Outgoing:
         mail = self.book.networks.get(row.network) == "email"
         return Outgoing(row.body or row.text if mail else row.text, subject=row.subject,
-                        message_id=row.message_id, in_reply_to=row.in_reply_to,
+                        message_id=self.message_id(row.dedupe), in_reply_to=row.in_reply_to,
                         references=tuple(row.refs.split()) if row.refs else (), reply_to=row.reply_to)
 
     async def _later(self, row: Row, why: str) -> None:

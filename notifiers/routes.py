@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Iterable, Mapping
 
 from engine.configkit import Section
@@ -69,7 +70,13 @@ class Route:
     to: tuple[Address, ...]
 
     def wants(self, kind: str) -> bool:
-        return any(fnmatch.fnmatchcase(kind, p) for p in self.patterns)
+        return any(matches(kind, p) for p in self.patterns)
+
+
+@lru_cache(maxsize=4096)
+def matches(kind: str, pattern: str) -> bool:
+    """``kind`` matches the glob ``pattern`` (kinds and patterns are few: remembered)."""
+    return fnmatch.fnmatchcase(kind, pattern)
 
 
 @dataclass(frozen=True)

@@ -33,11 +33,10 @@ digest is neither lost nor sent twice across a restart.
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import logging
 import time
 from datetime import datetime, timedelta
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 from zoneinfo import ZoneInfo
 
 from engine.events import Event
@@ -46,7 +45,7 @@ from engine.store import Op, Store
 from engine.templating import TemplateProblem, render
 from notifiers.destinations import Address
 from notifiers.outbox import Outbox
-from notifiers.routes import NotificationConfig, Route, Subscription, chain, kind_of
+from notifiers.routes import NotificationConfig, Subscription, chain, kind_of, matches
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +94,10 @@ def period_end(now: float, digest: str, tz: ZoneInfo) -> float:
     return end.timestamp()
 
 
+_HELD = "INSERT INTO notify_held (dest, kind, project, window, line) VALUES (?,?,?,?,?)"
+_DIGEST = "INSERT INTO notify_digest (subscription, dest, due, line) VALUES (?,?,?,?)"
+
+
 class Routing:
     """The watcher (``rows_for``) and the subscription store."""
 
@@ -107,7 +110,7 @@ class Routing:
         self.tz = ZoneInfo(timezone)
         self.storage = Storage(store, OWNER)
         self._subs: dict[str, list[Subscription]] = {}       # project -> its subscriptions
-        self._routes: dict[str | None, list[Route]] = {}     # project -> effective routes (cache)
+        self._targets: dict[tuple[str | None, str], tuple[dict[str, Address], list[Subscription]]] = {}
         self._window: dict[str, tuple[float, int]] = {}      # dest -> (minute, messages sent in it)
         self.fallback: set[str] = set()                      # users who want mail while offline
 
@@ -121,6 +124,26 @@ class Routing:
 
     def _index(self, sub: Subscription) -> None:
         self._subs.setdefault(sub.project, []).append(sub)
+        self._targets.clear()
+
+    def _find(self, project: str | None, kind: str) -> tuple[dict[str, Address], list[Subscription]]:
+        """Who hears of a ``kind`` event in ``project``: the routes' destinations and the
+        subscribers (remembered per project and kind until a subscription changes)."""
+        dests: dict[str, Address] = {}
+        for route in self.config.routes_for(project):
+            if route.wants(kind):
+                for address in route.to:
+                    dests.setdefault(address.key, address)
+        digests: list[Subscription] = []
+        for name in chain(project):
+            for sub in self._subs.get(name, ()):
+                if matches(kind, sub.pattern):
+                    if sub.digest:
+                        digests.append(sub)
+                    else:
+                        address = Address("user", sub.network, sub.user)
+                        dests.setdefault(address.key, address)
+        return dests, digests
 
     # -- the watcher ----------------------------------------------------------------------
 
@@ -133,48 +156,46 @@ class Routing:
             kind = kind_of(event)
             if kind is None or (kind == "step failed" and (event.instance_id, event.path) in unhandled):
                 continue
-            routes = self._routes.get(event.project)
-            if routes is None:
-                routes = self._routes[event.project] = self.config.routes_for(event.project)
-            dests: dict[str, Address] = {}
-            for route in routes:
-                if route.wants(kind):
-                    for address in route.to:
-                        dests.setdefault(address.key, address)
-            digests: list[Subscription] = []
-            for project in chain(event.project):
-                for sub in self._subs.get(project, ()):
-                    if fnmatch.fnmatchcase(kind, sub.pattern):
-                        if sub.digest:
-                            digests.append(sub)
-                        else:
-                            address = Address("user", sub.network, sub.user)
-                            dests.setdefault(address.key, address)
+            found = self._targets.get((event.project, kind))
+            if found is None:
+                found = self._targets[(event.project, kind)] = self._find(event.project, kind)
+            dests, digests = found
             if not dests and not digests:
                 continue
             text, subject, body = self.render(event, kind)
             cause = f"event {event.instance_id} {event.at!r} {event.path} {event.event}"
             now = self.clock()
             span = self.config.flood_window
+            minute = now - now % span
+            sending: list[Address] = []
             for key, address in dests.items():
-                minute = now - now % span
                 start, count = self._window.get(key, (minute, 0))
                 if start != minute:
                     start, count = minute, 0
                 self._window[key] = (start, count + 1)
                 if count >= self.config.flood_per_minute:
-                    ops.append(self.storage.op(
-                        "INSERT INTO notify_held (dest, kind, project, window, line) VALUES (?,?,?,?,?)",
-                        address.key, kind, event.project or "", start, text[:300]))
-                    continue
-                ops += self.outbox.rows(cause, [address], text, subject=subject, body=body,
-                                        origin=f"#{event.instance_id} {kind}", project=event.project)
+                    ops.append(self.storage.op(_HELD, address.key, kind, event.project or "", start, text[:300]))
+                else:
+                    sending.append(address)
+            if sending:
+                ops += self.outbox.rows(cause, sending, text, subject=subject, body=body,
+                                        origin=f"#{event.instance_id} {kind}", project=event.project,
+                                        instance=event.instance_id)
             for sub in digests:
                 ops.append(self.storage.op(
-                    "INSERT INTO notify_digest (subscription, dest, due, line) VALUES (?,?,?,?)",
-                    sub.id, Address("user", sub.network, sub.user).key, period_end(now, sub.digest, self.tz),
+                    _DIGEST, sub.id, Address("user", sub.network, sub.user).key, period_end(now, sub.digest, self.tz),
                     f"{time.strftime('%H:%M', time.gmtime(event.at))} {text}"[:300]))
-        return ops
+        if len(ops) <= 1:
+            return ops
+        # one statement per table: the writer runs each once over all its rows
+        merged: dict[str, list[Any]] = {}
+        rest: list[Op] = []
+        for sql, params, many in self.outbox.merged(ops):
+            if sql in (_HELD, _DIGEST):
+                merged.setdefault(sql, []).append(params)
+            else:
+                rest.append((sql, params, many))
+        return rest + [(sql, rows, True) for sql, rows in merged.items()]
 
     def render(self, event: Event, kind: str) -> tuple[str, str, str]:
         scope = {"kind": kind, "event": event.event, "detail": event.detail, "step": event.step,
@@ -183,7 +204,7 @@ class Routing:
         plain = plain_line(event, kind)
         template = self.config.templates.get(kind) or self.config.templates.get("*")
         if template is None:
-            return plain, plain, plain
+            return plain, "", ""        # mail falls back to the text for its subject and body
         try:
             chat = str(render(template.chat, scope))
             subject = str(render(template.subject, scope)) if template.subject else chat.split("\n", 1)[0]
@@ -216,6 +237,7 @@ class Routing:
         await self.storage.write(self.storage.op("DELETE FROM notify_subscriptions WHERE id = ? AND user = ?",
                                                  sub_id, user))
         self._subs[mine[0].project].remove(mine[0])
+        self._targets.clear()
         return mine[0]
 
     async def set_fallback(self, user: str, on: bool) -> None:

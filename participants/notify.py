@@ -123,7 +123,8 @@ class Notify(Participant):
         try:
             ops = services.outbox.rows(f"notify {workitem.key}", to_list, text, subject=subject, body=body,
                                        origin=f"#{workitem.instance_id} {workitem.step}",
-                                       project=project if isinstance(project, str) else None)
+                                       project=project if isinstance(project, str) else None,
+                                       instance=workitem.instance_id)
         except ReleasebotError as exc:        # a destination made by a template that cannot work
             return Reply.failed(f"notify: {exc}")
         return Reply.done({"notified": to_list}, ops=ops)

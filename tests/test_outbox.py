@@ -90,8 +90,9 @@ async def test_a_message_written_twice_is_one_row(box: Any) -> None:
     for _ in range(2):
         await store.commit(outbox.rows("event 7 completed", ["irc:net:#rel", "user:alice"], "done"))
     assert [r[1] for r in await rows(store)] == ["room:net:#rel", "user:alice@mail", "user:alice@net"]
-    mids = await rows(store, "SELECT message_id FROM outbox_messages")
-    assert len({m for (m,) in mids}) == 3 and all(m.startswith("<") and m.endswith(">") for (m,) in mids)
+    keys = await rows(store, "SELECT dedupe FROM outbox_messages")
+    mids = {outbox.message_id(k) for (k,) in keys}
+    assert len(mids) == 3 and all(m.startswith("<") and m.endswith("@releasebot.invalid>") for m in mids)
 
 
 async def test_per_destination_order_and_a_failing_destination_holds_up_nobody(box: Any) -> None:
