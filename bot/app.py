@@ -159,7 +159,8 @@ class App:
             words = text.split()
             return bool(words) and words[0].lower() in commands
         for transport in receiving.values():
-            transport.use(Storage(self.store, OWNER), users, is_command)
+            transport.use(Storage(self.store, OWNER), users, is_command,
+                          rate=(self.config.rate_commands, self.config.rate_window))
 
         def issue_token(network: str, user: str, purpose: str, ref: str, expires: float) -> Any:
             transport = receiving.get(network)

@@ -10,6 +10,7 @@ changes nothing; anything else is a bug: logged, and answered with
 """
 from __future__ import annotations
 
+import calendar
 import logging
 import re
 import shlex
@@ -175,7 +176,9 @@ class Dispatcher:
             message = Message(Identity("console", "console", parts[1], account=parts[1],
                                        verified_by=VERIFIED_CONSOLE), parts[2], message.room)
             caller = self.directory.resolve(message.sender)
-        if self.cooldown and message.sender.protocol != "console":
+        # the console is one trusted person; mail is paced by the email front-end itself
+        # (a mail over the limit waits its turn: it is never dropped)
+        if self.cooldown and message.sender.protocol not in ("console", "email"):
             # every addressed message counts, even a malformed one: each would cost an answer
             verdict = self.cooldown.admit(rate_key(caller))
             if verdict == "refuse":
@@ -427,6 +430,7 @@ async def cmd_outbox(ctx: Context) -> list[str]:
         return ["the outbox is empty"]
     networks = sorted({n for n, _s in stats.counts})
     lines = [f"{n}: " + ", ".join(f"{stats.counts.get((n, s), 0)} {s}" for s in ("queued", "failed", "delivered"))
+             + (f", {stats.counts[(n, 'rerouted')]} sent by mail instead" if (n, "rerouted") in stats.counts else "")
              for n in networks]
     lines += [outbox_line(r, f"waiting: {r.error}" if r.error else "waiting") for r in stats.oldest]
     return lines
@@ -523,7 +527,7 @@ async def cmd_decisions(ctx: Context) -> list[str]:
         raise NotAuthorised(f"not authorised: you have no role on {project}")
     if len(ctx.args) == 2:
         try:
-            since = time.mktime(time.strptime(ctx.args[1], "%Y-%m-%d")) - time.timezone
+            since = float(calendar.timegm(time.strptime(ctx.args[1], "%Y-%m-%d")))     # UTC midnight
         except ValueError:
             raise ctx.usage_error(f"bad date {sanitise(ctx.args[1], 20)!r} (YYYY-MM-DD)") from None
     else:
@@ -594,8 +598,8 @@ async def cmd_repos(ctx: Context) -> list[str]:
         holder = f"; lock: #{r.holder}" if r.holder else ""
         queue = f"; queued: {', '.join(f'#{i}' for i in r.queue)}" if r.queue else ""
         by = f" by #{r.published_by}" if r.published_by else ""
-        lines.append(f"{r.name} ({r.project}): {r.state}; published {r.current or 'nothing'} {when}{by}"
-                     f"{holder}{queue}")
+        published = f"published {r.current} {when}{by}" if r.current else "never published"
+        lines.append(f"{r.name} ({r.project}): {r.state}; {published}{holder}{queue}")
     return lines or ["no repositories you may see"]
 
 

@@ -37,7 +37,7 @@ def kind_of(event: Event) -> str | None:
     if not event.path:
         if name == "completed":
             return "recovered" if event.detail.startswith("recovered") else "completed"
-        return name if name in ("launched", "cancelled", "terminated") else None
+        return name if name in ("launched", "cancelled", "terminated", "failed") else None
     if name == "failed":
         return "failed"
     if name == "error":

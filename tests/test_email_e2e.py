@@ -232,3 +232,27 @@ def test_imap_mail_while_down_and_a_sigkill_mid_way_run_each_command_once(tmp_pa
         assert ns == list(range(30)) and pending == 0
     finally:
         assert bot.stop() == 0
+
+
+def test_mail_over_the_rate_waits_its_turn_and_a_users_message_id_in_our_domain_is_not_ours(
+        tmp_path: Path, smtp_sinks: Any) -> None:
+    sink = smtp_sinks()
+    port = free_port()
+    conf = home(tmp_path, sink, f"""
+            listen: {{host: 127.0.0.1, port: {port}, addresses: [bot@example.test]}}""")
+    text = (conf / "conf" / "bot.yaml").read_text().replace("rate_limit: {commands: 100, per: 10s}",
+                                                             "rate_limit: {commands: 3, per: 2s}")
+    (conf / "conf" / "bot.yaml").write_text(text)
+    bot = Bot(conf).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            for n in range(7):
+                msg = mail("alice@example.org", f"launch waits n={n}", authres=AUTHRES)
+                del msg["Message-ID"]
+                msg["Message-ID"] = make_msgid(domain="example.test")     # the bot's own domain
+                client.send_message(msg)
+        time.sleep(1.0)
+        assert len(bot.statuses()) == 3                    # the rest wait their turn ...
+        wait_until(lambda: len(bot.statuses()) == 7, timeout=15)   # ... and none is dropped
+    finally:
+        assert bot.stop() == 0

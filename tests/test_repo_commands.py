@@ -49,7 +49,7 @@ def test_publish_rollback_repos_and_refusals(tmp_path: Path) -> None:
         shutil.copy(ROOT / "conf" / "processes" / f"{name}.yaml", home / "conf" / "processes")
     bot = Bot(home).start()
     try:
-        assert bot.ask("repos") == ["devel (Project:Devel): idle; published nothing never"]
+        assert bot.ask("repos") == ["devel (Project:Devel): idle; never published"]
         assert bot.ask("publish devel") == ["launched repo-publish for devel as #1"]
         wait_for(bot, 1, "completed")
         first = os.readlink(www / "current")

@@ -49,7 +49,8 @@ class MailIn:
     """The incoming half of one email network (module docstring)."""
 
     def __init__(self, config: EmailConfig, storage: Storage, users: Mapping[str, Collection[str]],
-                 is_command: Callable[[str], bool], clock: Callable[[], float] = time.time) -> None:
+                 is_command: Callable[[str], bool], clock: Callable[[], float] = time.time,
+                 rate: tuple[int, float] = (5, 10.0)) -> None:
         self.config = config
         self.network = config.name
         self.storage = storage
@@ -70,6 +71,8 @@ class MailIn:
         self.listener: MailListener | None = None
         self.watcher: ImapWatcher | None = None
         self.handled = 0
+        self.rate = rate
+        self._recent: dict[str, list[float]] = {}
 
     # -- the ways in ------------------------------------------------------------------------
 
@@ -141,12 +144,27 @@ class MailIn:
 
     async def _handle_all(self, rows: list[InboxRow]) -> None:
         for row in rows:
+            await self._pace(_sender_key(row))
             await self._handle(row)
+
+    async def _pace(self, sender: str) -> None:
+        """At most ``rate`` mails of one sender per ``window`` become commands (as
+        chat's per-user limit); the rest wait their turn in the inbox, never dropped."""
+        count, window = self.rate
+        times = self._recent.setdefault(sender, [])
+        while True:
+            now = time.monotonic()
+            times[:] = [t for t in times if now - t < window]
+            if len(times) < count:
+                times.append(now)
+                return
+            await asyncio.sleep(window - (now - times[0]) + 0.01)
 
     async def _handle(self, row: InboxRow) -> None:
         try:
+            # the bot's own mail is told by its addresses (and the Auto-Submitted it always
+            # carries), never by a Message-ID's domain: the users' clients share that domain
             mail = parse(row.raw, is_command=self.is_command, own_addresses=self.own,
-                         own_id_domains=(self.config.sender.domain.lower(),),
                          envelope_from=row.envelope_from if row.source == "smtp" else None)
             who = await identify(mail, row.envelope_to, self.tokens, self.trust, self.users)
             log.info("email %s: %s", self.network, describe(mail, row.key, who))

@@ -42,11 +42,13 @@ class EmailTransport:
         self._closed = False
         self.mail_in: MailIn | None = None
 
-    def use(self, storage: Storage, users: Mapping[str, Collection[str]], is_command: Callable[[str], bool]) -> None:
+    def use(self, storage: Storage, users: Mapping[str, Collection[str]], is_command: Callable[[str], bool],
+            rate: tuple[int, float] = (5, 10.0)) -> None:
         """Give mail in what it needs: the bot's database (the ``email`` tables),
-        each user's configured addresses, and how to tell a command."""
+        each user's configured addresses, how to tell a command, and the
+        per-sender pace (bot.yaml ``commands: rate_limit``)."""
         if self.config.receives:
-            self.mail_in = MailIn(self.config, storage, users, is_command)
+            self.mail_in = MailIn(self.config, storage, users, is_command, rate=rate)
 
     def issue_token(self, user: str, purpose: str, ref: str, expires: float) -> tuple[str, list[Any]] | None:
         """A single-use reply address for a mail to ``user``, if mail comes in here."""
