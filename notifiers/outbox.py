@@ -32,7 +32,6 @@ import dataclasses
 import hashlib
 import logging
 import random
-import struct
 import time
 import zlib
 from dataclasses import dataclass
@@ -50,9 +49,10 @@ MIGRATIONS = (
     """
     CREATE TABLE outbox_messages (
         id INTEGER PRIMARY KEY,
-        dedupe BLOB NOT NULL UNIQUE,      -- the instance it is about (8 bytes, so new keys land together
-                                          -- in the index) and a sha256 of what caused it x where it goes
-                                          -- (8): written twice, one row; also the mail's Message-ID
+        topic INTEGER NOT NULL,           -- the dedupe key: the instance it is about (so new keys land
+        digest INTEGER NOT NULL,          -- together in the index) and 64 bits of a sha256 of what caused
+                                          -- it x where it goes: written twice, one row; also the mail's
+                                          -- Message-ID
         dest TEXT NOT NULL,               -- Address.key: delivered in id order per dest
         lane INTEGER NOT NULL,            -- crc32 of dest: what the index orders by (a number is cheaper
                                           -- to keep in order than the text; a clash only costs a look)
@@ -75,14 +75,15 @@ MIGRATIONS = (
         created REAL NOT NULL,
         done_at REAL
     );
+    CREATE UNIQUE INDEX outbox_messages_dedupe ON outbox_messages (topic, digest);
     CREATE INDEX outbox_messages_waiting ON outbox_messages (lane, id) WHERE state = 'queued';
     """,
 )
 
-_INSERT = ("INSERT OR IGNORE INTO outbox_messages (dedupe, dest, lane, kind, network, target, hint, project, "
-           "origin, text, subject, body, in_reply_to, refs, reply_to, created) "
-           "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
-_COLUMNS = ("id, dest, kind, network, target, text, subject, body, dedupe, in_reply_to, refs, attempts, "
+_FIELDS = ("topic, digest, dest, lane, kind, network, target, hint, project, origin, text, subject, body, "
+           "in_reply_to, refs, reply_to, created")
+_INSERT = f"INSERT OR IGNORE INTO outbox_messages ({_FIELDS}) VALUES ({','.join('?' * 17)})"
+_COLUMNS = ("id, dest, kind, network, target, text, subject, body, topic, digest, in_reply_to, refs, attempts, "
             "next_at, created, origin, error, hint, reply_to")
 
 
@@ -106,7 +107,8 @@ class Row:
     text: str
     subject: str
     body: str
-    dedupe: bytes
+    topic: int
+    digest: int
     in_reply_to: str
     refs: str
     attempts: int
@@ -178,7 +180,7 @@ class Outbox:
         ``instance``: the instance the message is about, if any (keeps the
         dedupe index's new keys together: cheaper to write)."""
         now = self.clock()
-        prefix = struct.pack(">Q", max(0, instance))
+        topic = max(0, instance)
         values = []
         extra: list[Op] = []
         sha256 = hashlib.sha256
@@ -187,11 +189,11 @@ class Outbox:
         for dest in to:
             for address in (self.book.resolve(dest) if isinstance(dest, str) else (dest,)):
                 key = address.key
-                dedupe = prefix + sha256(f"{cause}|{key}".encode("utf-8")).digest()[:8]
+                digest = int.from_bytes(sha256(f"{cause}|{key}".encode("utf-8")).digest()[:8], "big", signed=True)
                 reply_to = ""
                 if address.kind == "user":
                     if self.issue_token is not None and self.book.networks.get(address.network) == "email":
-                        purpose, ref, expires = reply or ("thread", dedupe.hex(), now + 30 * 86400.0)
+                        purpose, ref, expires = reply or ("thread", f"{topic}.{digest}", now + 30 * 86400.0)
                         issued = self.issue_token(address.network, address.target, purpose, ref, expires)
                         if issued is not None:      # None: no mail comes in on that network
                             reply_to, ops = issued
@@ -199,7 +201,7 @@ class Outbox:
                     person_hint = hint
                 else:
                     person_hint = ""
-                values.append((dedupe, key, address.lane, address.kind, address.network, address.target,
+                values.append((topic, digest, key, address.lane, address.kind, address.network, address.target,
                                person_hint, project, origin, text, subject, body, in_reply_to, refs, reply_to,
                                now))
         return ([(_INSERT, values, True)] if values else []) + extra
@@ -211,9 +213,9 @@ class Outbox:
         rest = [op for op in ops if op[0] != _INSERT]
         return ([(_INSERT, values, True)] if values else []) + rest
 
-    def message_id(self, dedupe: bytes) -> str:
+    def message_id(self, topic: int, digest: int) -> str:
         """A row's Message-ID: the same on every try, so a receiver can drop a repeat."""
-        return f"<{dedupe.hex()}@{self.settings.message_domain}>"
+        return f"<{topic:x}.{digest & 0xFFFFFFFFFFFFFFFF:016x}@{self.settings.message_domain}>"
 
     def wake(self) -> None:
         """Rows were committed: look for destinations with work."""
@@ -356,7 +358,7 @@ class Outbox:
     def _outgoing(self, row: Row) -> Outgoing:
         mail = self.book.networks.get(row.network) == "email"
         return Outgoing(row.body or row.text if mail else row.text, subject=row.subject,
-                        message_id=self.message_id(row.dedupe), in_reply_to=row.in_reply_to,
+                        message_id=self.message_id(row.topic, row.digest), in_reply_to=row.in_reply_to,
                         references=tuple(row.refs.split()) if row.refs else (), reply_to=row.reply_to)
 
     async def _later(self, row: Row, why: str) -> None:
