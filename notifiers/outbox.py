@@ -285,42 +285,51 @@ class Outbox:
                                                                                name=f"outbox {dest}")
 
     async def _drain(self, dest: str) -> None:
-        """Send ``dest``'s rows in order, one at a time, until none is waiting."""
+        """Send ``dest``'s rows in order, one at a time, until none is waiting
+        (read a few at a time; read again after a wait, a failure or a nudge)."""
         nudge = self._nudge.setdefault(dest, asyncio.Event())
+        lane = zlib.crc32(dest.encode("utf-8"))     # = Address.lane
         while not self._stopping:
             nudge.clear()
             found = await self.storage.query(
                 f"SELECT {_COLUMNS} FROM outbox_messages WHERE state = 'queued' AND lane = ? AND dest = ? "
-                "ORDER BY id LIMIT 1", zlib.crc32(dest.encode("utf-8")), dest)     # = Address.lane
+                "ORDER BY id LIMIT 32", lane, dest)
             if not found:
                 return
-            row = Row(*found[0])
-            wait = row.next_at - self.clock()
+            head = Row(*found[0])
+            wait = head.next_at - self.clock()
             if wait > 0:
                 try:     # `outbox retry` (or new rows) may end the wait early
                     await asyncio.wait_for(nudge.wait(), wait)
                 except asyncio.TimeoutError:
                     pass
                 continue     # read the head again: it may have been retried, or failed by a command
-            self._sending += 1
-            try:
-                await self._send(row)
-            finally:
-                self._sending -= 1
+            for values in found:
+                row = Row(*values)
+                if row.next_at > self.clock() or nudge.is_set() or self._stopping:
+                    break
+                self._sending += 1
+                try:
+                    settled = await self._send(row)
+                finally:
+                    self._sending -= 1
+                if not settled:  # it waits: so do the ones after it
+                    break
 
-    async def _send(self, row: Row) -> None:
+    async def _send(self, row: Row) -> bool:
+        """Try ``row`` once; True if it is settled (delivered, failed, sent by mail instead)."""
         now = self.clock()
         if now - row.created > self.settings.give_up:
             await self._fail(row, f"not delivered within {self.settings.give_up / 86400:g} day(s): "
                                   f"{row.error or 'never tried'}")
-            return
+            return True
         transport = self.transports.get(row.network)
         if transport is None:
             await self._fail(row, f"network {row.network!r} is not configured (any more)")
-            return
+            return True
         if not transport.ready:
             await self._later(row, f"{row.network} is not connected")
-            return
+            return False
         try:
             target = self._target(row)
             receipt = await transport.send(target, self._outgoing(row))
@@ -329,20 +338,24 @@ class Outbox:
             await asyncio.wait_for(receipt, self.settings.confirm_timeout)
         except Undeliverable as exc:
             await self._fail(row, str(exc))
+            return True
         except Offline as exc:
             mail = self.fallback_to(row.target) if row.kind == "user" and row.network != "" else None
             if mail is not None and self.book.networks.get(row.network) != "email":
                 await self._reroute(row, mail, str(exc))
-            else:
-                await self._later(row, str(exc))
+                return True
+            await self._later(row, str(exc))
+            return False
         except (NotDelivered, TransportError) as exc:
             await self._later(row, str(exc))
+            return False
         except asyncio.TimeoutError:
             await self._later(row, f"no confirmation from {row.network} within {self.settings.confirm_timeout:g}s")
-        else:
-            await self._mark(row.id, "UPDATE outbox_messages SET state = 'delivered', done_at = ?, error = '' "
-                                     "WHERE id = ? AND state = 'queued'", self.clock(), row.id)
-            self.delivered += 1
+            return False
+        await self._mark(row.id, "UPDATE outbox_messages SET state = 'delivered', done_at = ?, error = '' "
+                                 "WHERE id = ? AND state = 'queued'", self.clock(), row.id)
+        self.delivered += 1
+        return True
 
     def _target(self, row: Row) -> Target:
         protocol = self.book.networks.get(row.network, "")
