@@ -189,6 +189,7 @@ class Ask(Participant):
         self.services: Services | None = None
         self._next = 1
         self._locks: dict[int, asyncio.Lock] = {}
+        self._prune_at = 1000
 
     # -- checks -------------------------------------------------------------------------
 
@@ -473,10 +474,13 @@ class Ask(Participant):
         return f"{q.label} is already decided: {q.outcome}"
 
     def _lock(self, qid: int) -> asyncio.Lock:
+        """One lock per question: its answers are taken one at a time.  Locks
+        nobody holds are forgotten when the table has doubled since last time."""
         lock = self._locks.get(qid)
         if lock is None:
-            if len(self._locks) > 1000:
+            if len(self._locks) >= self._prune_at:
                 self._locks = {k: v for k, v in self._locks.items() if v.locked()}
+                self._prune_at = max(1000, 2 * len(self._locks))
             lock = self._locks[qid] = asyncio.Lock()
         return lock
 
