@@ -334,6 +334,9 @@ class Engine:
         return frozenset(r.key for r in rows if r.participant == participant)
 
     async def project_of(self, instance_id: int) -> str | None:
+        inst = self._instances.get(instance_id)
+        if inst is not None:                # running here: no need to read it
+            return inst.project
         return (await self.summary(instance_id)).project
 
     async def step_timers(self, workitem: Workitem) -> list[tuple[str, float]]:
@@ -345,10 +348,7 @@ class Engine:
     async def launched_by(self, instance_id: int) -> str | None:
         """The actor recorded when the instance was launched ("alice via irc:libera",
         "schedule nightly"), or None."""
-        for row in await self.store.history(instance_id):
-            if row.event == "launched":
-                return row.actor or None
-        return None
+        return await self.store.launcher(instance_id) or None
 
     async def pending(self, participant: str | None = None) -> list[Workitem]:
         """Workitems a participant holds (for approvals: what is waiting for answers)."""

@@ -79,6 +79,15 @@ class Storage:
             raise ValueError(f"participant {self.owner}: query takes a SELECT, not {sql.split(None, 1)[0]!r}")
         return await self._store.read(lambda c: [tuple(r) for r in c.execute(sql, params)])
 
+    async def queries(self, *statements: tuple[str, Sequence[Any]]) -> list[list[tuple[Any, ...]]]:
+        """Several SELECTs ``(sql, params)`` in one trip to the reader (what one
+        decision needs, read together)."""
+        for sql, _params in statements:
+            if not _COMMENT.sub("", sql).upper().startswith("SELECT"):
+                raise ValueError(f"participant {self.owner}: queries take SELECTs, not {sql.split(None, 1)[0]!r}")
+        return await self._store.read(lambda c: [[tuple(r) for r in c.execute(sql, tuple(params))]
+                                                 for sql, params in statements])
+
     async def query_one(self, sql: str, *params: Any) -> tuple[Any, ...] | None:
         rows = await self.query(sql, *params)
         return rows[0] if rows else None

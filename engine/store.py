@@ -544,6 +544,12 @@ class Store:
                "WHERE instance_id = ? ORDER BY id")
         return await self.read(lambda c: [HistoryRow(*r) for r in c.execute(sql, (instance_id,))])
 
+    async def launcher(self, instance_id: int) -> str | None:
+        """The actor of an instance's "launched" entry (its first)."""
+        sql = "SELECT actor FROM history WHERE instance_id = ? AND event = 'launched' AND path = '' ORDER BY id LIMIT 1"
+        rows = await self.read(lambda c: c.execute(sql, (instance_id,)).fetchall())
+        return str(rows[0][0]) if rows else None
+
     async def due_timers(self, now: float, limit: int = 5000) -> list[TimerRow]:
         sql = ("SELECT instance_id, path, kind, name, due, fired FROM timers "
                "WHERE fired = 0 AND due <= ? ORDER BY due LIMIT ?")

@@ -379,14 +379,13 @@ class Ask(Participant):
         answer (a mail token spent)."""
         svc = self._svc()
         async with self._lock(qid):
-            q = await self._question(qid)
+            q, people, answers = await self._read(qid)
             if q is None:
                 raise AskRefused(f"no question q{qid}")
             if q.state != "open":
                 raise AskRefused(self._ended_text(q))
             if user.name == q.launcher and not q.allow_self:
                 raise AskRefused(f"you launched #{q.instance_id}, so you may not answer {q.label}")
-            people = await self._addressees(qid)
             if user.name not in people:
                 raise AskRefused(f"{q.label} was not asked of you")
             role = people[user.name]
@@ -397,7 +396,6 @@ class Ask(Participant):
                 raise AskRefused("you are no longer a configured user")
             if choice not in q.choices:
                 raise AskRefused(f"{choice!r} is not a choice of {q.label} ({', '.join(q.choices)})")
-            answers = await self._answers(qid)
             if any(a.user == user.name for a in answers):
                 mine = next(a for a in answers if a.user == user.name)
                 raise AskRefused(f"you already answered {q.label}: {mine.choice}")
@@ -485,6 +483,15 @@ class Ask(Participant):
         return lock
 
     # -- reading ---------------------------------------------------------------------------
+
+    async def _read(self, qid: int) -> tuple[Question | None, dict[str, str], list[Answer]]:
+        """A question, who was asked and who answered: one read."""
+        rows, people, answers = await self._svc().storage.queries(
+            (f"SELECT {_Q_COLUMNS} FROM ask_questions WHERE qid = ?", (qid,)),
+            ("SELECT user, via_role FROM ask_addressees WHERE qid = ?", (qid,)),
+            ("SELECT user, choice, comment, network, how, at FROM ask_answers WHERE qid = ? ORDER BY at, rowid",
+             (qid,)))
+        return (_question(rows[0]) if rows else None, {u: r for u, r in people}, [Answer(*a) for a in answers])
 
     async def _question(self, qid: int) -> Question | None:
         row = await self._svc().storage.query_one(f"SELECT {_Q_COLUMNS} FROM ask_questions WHERE qid = ?", qid)
