@@ -70,3 +70,24 @@ def test_publish_rollback_repos_and_refusals(tmp_path: Path) -> None:
         assert any("rollback" in line or "swapped" in line or "current" in line for line in bot.ask("history 3"))
     finally:
         assert bot.stop() == 0
+
+
+def test_a_launch_in_another_project_is_refused_by_the_lock(tmp_path: Path) -> None:
+    src, www = tmp_path / "src", tmp_path / "www"
+    write_tree(src, "one", packages=2)
+    home = make_home(tmp_path, {}, users=USERS, bot_extra=f"""
+        participants:
+          repo_publish:
+            repositories:
+              devel: {{project: "Project:Devel", source: "{src}", destination: "{www}"}}
+    """)
+    for name in ("repo-publish", "repo-rollback", "repo-publish-notice"):
+        shutil.copy(ROOT / "conf" / "processes" / f"{name}.yaml", home / "conf" / "processes")
+    bot = Bot(home).start()
+    try:
+        assert bot.ask("launch repo-publish repo=devel") == ["launched repo-publish as #1"]   # in Project
+        wait_for(bot, 1, "failed")
+        assert any("belongs to Project:Devel, not Project: use `publish devel`" in line for line in bot.ask("show 1"))
+        assert not (www / "current").exists()
+    finally:
+        assert bot.stop() == 0

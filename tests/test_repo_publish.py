@@ -186,6 +186,7 @@ async def test_refuses_with_the_holder_when_asked_not_to_wait(engines: EngineFac
 
 HOLDER = """\
 name: hold
+project: Project:Devel
 inputs: {repo: str}
 fields: {repo: devel}
 steps:
@@ -194,6 +195,7 @@ steps:
 """
 PUBLISH_NOWAIT = """\
 name: publish
+project: Project:Devel
 inputs: {repo: str}
 fields: {repo: devel}
 steps:

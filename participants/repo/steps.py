@@ -103,6 +103,13 @@ class RepoLock(_RepoStep):
     async def act(self, family: RepoFamily, wi: Workitem, repo: Any) -> Reply:
         if family.locks.holds(repo.name, wi.instance_id):
             return Reply.done(family.lock_fields(repo.name))
+        # the repository's project decides who may publish it: an instance in another project
+        # (launched without project=) would have been authorised against the wrong one
+        project_of = family.services["repo_lock"].project_of
+        project = await project_of(wi.instance_id) if project_of is not None else repo.project
+        if project != repo.project:
+            return Reply.failed(f"repository {repo.name} belongs to {repo.project}, not {project or 'no project'}: "
+                                f"use `publish {repo.name}` (or launch with project={repo.project})")
         if wi.key in family.waiting or family.locks.queued(wi.key):
             return Reply.pending()
         if not await family.forced(wi, repo, wi.params.get("force")):
