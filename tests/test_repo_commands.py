@@ -91,3 +91,31 @@ def test_a_launch_in_another_project_is_refused_by_the_lock(tmp_path: Path) -> N
         assert not (www / "current").exists()
     finally:
         assert bot.stop() == 0
+
+
+def test_a_repository_with_approval_asks_its_roles_first(tmp_path: Path) -> None:
+    src, www = tmp_path / "src", tmp_path / "www"
+    write_tree(src, "one", packages=2)
+    home = make_home(tmp_path, {}, users=USERS, bot_extra=f"""
+        participants:
+          repo_publish:
+            repositories:
+              devel: {{project: "Project:Devel", source: "{src}", destination: "{www}",
+                       approval: {{roles: [publishers-override]}}}}
+    """)
+    for name in ("repo-publish", "repo-rollback", "repo-publish-notice"):
+        shutil.copy(ROOT / "conf" / "processes" / f"{name}.yaml", home / "conf" / "processes")
+    bot = Bot(home).start()
+    try:
+        assert bot.ask("publish devel") == ["launched repo-publish for devel as #1"]
+        deadline = time.monotonic() + 10
+        while not bot.ask("as olga pending")[0].startswith("q1: Publish devel now?"):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert bot.ask("as bob approve q1") == ["q1 was not asked of you"]       # publishers, not the role asked
+        assert not (www / "current").exists()
+        assert bot.ask("as olga approve q1")[0].endswith("q1 is decided: approve")
+        wait_for(bot, 1, "completed")
+        assert (www / "current").is_symlink()
+    finally:
+        assert bot.stop() == 0

@@ -341,8 +341,11 @@ class RepoFamily:
 
     def lock_fields(self, repo_name: str) -> dict[str, Any]:
         repo = self.config.repositories.get(repo_name)
+        # who approves a publish (repo-publish's ask step): the repository's approval roles,
+        # release-managers when it names none
+        roles = (repo.approvers or ("release-managers",)) if repo else ()
         return {"locked": repo_name, "approval": bool(repo and repo.approval),
-                "approvers": list(repo.approvers) if repo else []}
+                "approvers": [f"role:{r}" for r in roles]}
 
     def ensure_lock(self, repo: Repository, wi: Workitem) -> list[Op]:
         """A step that needs the lock: held by its instance, or taken now if free
