@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 # with the collector off).  Few of the bot's objects form cycles, so collecting less often costs
 # little memory.
 GC_THRESHOLDS = (20_000, 20, 20)
+CLOSE_TIMEOUT = 8       # seconds a front-end may take to close (its own flush waits are shorter)
 
 
 def tune_gc() -> None:
@@ -171,13 +172,19 @@ class App:
         self.outbox.wake()
 
     async def stop(self) -> None:
+        log.info("stopping")
         await self.flusher.stop()
         await self.outbox.stop()
         for transport in self.transports:
+            name = getattr(transport, "network", transport)
             try:
-                await transport.close()
+                # a front-end that cannot say goodbye in time must not keep the bot from stopping:
+                # what it had not sent is still in the outbox, or was an answer nobody waits for
+                await asyncio.wait_for(transport.close(), CLOSE_TIMEOUT)
+            except asyncio.TimeoutError:
+                log.error("closing %s took more than %ds; left behind", name, CLOSE_TIMEOUT)
             except Exception:
-                log.exception("closing %s failed", getattr(transport, "network", transport))
+                log.exception("closing %s failed", name)
         await self.engine.stop()
         await asyncio.to_thread(self.store.close)
         log.info("stopped")

@@ -101,6 +101,7 @@ class MailIn:
         self._wake.set()                  # mail that arrived while the bot was down
 
     async def stop(self) -> None:
+        log.debug("email %s: mail in stopping", self.network)
         if self.listener is not None:
             await self.listener.stop()
         if self.watcher is not None:
@@ -109,6 +110,7 @@ class MailIn:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        log.debug("email %s: mail in stopped", self.network)
 
     async def _received(self, mail: Received) -> None:
         """The listener's accept: durable before its 250."""
