@@ -118,7 +118,7 @@ async def test_a_burst_is_one_summary_and_the_bot_stays_on(tmp_path: Path, flood
         await wait_for(lambda: sum(1 for s in bot.statuses().values() if s == "failed") == 500, timeout=60)
         texts: list[str] = []
         while True:                                    # every line until the channel goes quiet
-            more = await watcher.quiet("notebot", 4.0)
+            more = await watcher.quiet("notebot", 3.5)      # > a window plus a flush
             if not more:
                 break
             texts += [line.params[-1] for line in more if line.params[0] == "#rel"]
