@@ -330,8 +330,7 @@ class Engine:
 
     async def open_keys(self, participant: str) -> frozenset[str]:
         """Dispatch keys of ``participant``'s open workitems (dispatched, pending or being cancelled)."""
-        rows = await self.store.workitems()
-        return frozenset(r.key for r in rows if r.participant == participant)
+        return frozenset(await self.store.workitem_keys(participant))
 
     async def project_of(self, instance_id: int) -> str | None:
         inst = self._instances.get(instance_id)

@@ -544,6 +544,11 @@ class Store:
                "WHERE instance_id = ? ORDER BY id")
         return await self.read(lambda c: [HistoryRow(*r) for r in c.execute(sql, (instance_id,))])
 
+    async def workitem_keys(self, participant: str) -> list[str]:
+        """The keys of ``participant``'s open workitems (nothing else read)."""
+        sql = "SELECT key FROM workitems WHERE participant = ?"
+        return await self.read(lambda c: [str(r[0]) for r in c.execute(sql, (participant,))])
+
     async def launcher(self, instance_id: int) -> str | None:
         """The actor of an instance's "launched" entry (its first)."""
         sql = "SELECT actor FROM history WHERE instance_id = ? AND event = 'launched' AND path = '' ORDER BY id LIMIT 1"
