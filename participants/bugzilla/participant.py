@@ -47,7 +47,7 @@ import logging
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from engine.configkit import Section
 from engine.errors import Refusal
@@ -56,7 +56,10 @@ from engine.participants import Participant, Reply, Services, Workitem
 from engine.templating import TemplateProblem, render
 from participants.argsafety import UnsafeArgument, confined_path, is_template, path_problem
 from participants.bugzilla.changelog import PackageLog, Referenced, by_tracker, collect
-from participants.bugzilla.client import BugState, BugzillaFailure, Client
+from participants.bugzilla.model import BugState, BugzillaFailure
+
+if TYPE_CHECKING:
+    from participants.bugzilla.client import Client
 from participants.bugzilla.config import BugzillaConfig, Tracker, check_config
 
 log = logging.getLogger(__name__)
@@ -206,6 +209,7 @@ class Bugzilla(Participant):
     def _client(self, tracker: Tracker) -> Client:
         client = self._clients.get(tracker.name)
         if client is None:
+            from participants.bugzilla.client import Client     # python-bugzilla: loaded when first needed
             client = self._clients[tracker.name] = Client(tracker)
         return client
 
