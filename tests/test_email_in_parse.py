@@ -39,21 +39,24 @@ def test_a_plain_mail_has_its_sender_ids_and_command() -> None:
     assert (m.command, m.command_source, m.answer) == ("status 12", "body", "status 12")
 
 
+# Python's address parser changed within 3.11 (the getaddresses fix for CVE-2023-27043, which
+# Debian backports): some malformed Froms read as "no address" rather than two; either way the
+# mail has no sender.  The reasons after "|" are the other version's.
 @pytest.mark.parametrize("from_lines, problem", [
     ("", "no From header"),
     ("From: alice@example.org\nFrom: mallory@evil.test", "2 From headers"),
     ("From: alice@example.org, mallory@evil.test", "holds 2 addresses"),
-    ("From: alice@example.org <mallory@evil.test>", "holds 2 addresses"),
-    ("From: <alice@example.org>@evil.test", "holds 2 addresses"),
+    ("From: alice@example.org <mallory@evil.test>", "holds 2 addresses|holds no address"),
+    ("From: <alice@example.org>@evil.test", "holds 2 addresses|holds no address"),
     ("From: undisclosed-recipients:;", "holds no address"),
     ('From: "a b"@example.org', "not a plain address"),
-    ("From: alice@[127.0.0.1]", "not a plain address"),
+    ("From: alice@[127.0.0.1]", "not a plain address|holds no address"),
     ("From: =?utf-8?q?alice=40example.org?=", "not a plain address"),
     ("From: " + "a" * 3000 + "@example.org", "too long"),
 ])
 def test_no_sender_unless_exactly_one_plain_address(from_lines: str, problem: str) -> None:
     m = mail(from_lines + "\nSubject: status 1\nMessage-ID: <x@y>")
-    assert m.sender is None and problem in (m.sender_problem or ""), m.sender_problem
+    assert m.sender is None and any(p in (m.sender_problem or "") for p in problem.split("|")), m.sender_problem
     assert m.refused and m.refused.startswith("no usable sender")
 
 
