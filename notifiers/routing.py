@@ -113,6 +113,9 @@ class Routing:
         self._targets: dict[tuple[str | None, str], tuple[dict[str, Address], list[Subscription]]] = {}
         self._window: dict[str, tuple[float, int]] = {}      # dest -> (minute, messages sent in it)
         self.fallback: set[str] = set()                      # users who want mail while offline
+        self._ends: dict[tuple[float, str], float] = {}
+        self.storage.op(_HELD, "", "", "", 0, "")            # its statements name its own tables (checked once)
+        self.storage.op(_DIGEST, 0, "", 0, "")
 
     async def open(self) -> None:
         await self.store.migrate_participant(OWNER, MIGRATIONS)
@@ -152,6 +155,9 @@ class Routing:
         ops: list[Op] = []
         # a step error nobody handles is told once, as the instance's "failed"
         unhandled = {(e.instance_id, e.path) for e in events if e.event == "failed"}
+        now = self.clock()
+        minute = now - now % self.config.flood_window
+        limit = self.config.flood_per_minute
         for event in events:
             kind = kind_of(event)
             if kind is None or (kind == "step failed" and (event.instance_id, event.path) in unhandled):
@@ -164,17 +170,14 @@ class Routing:
                 continue
             text, subject, body = self.render(event, kind)
             cause = f"event {event.instance_id} {event.at!r} {event.path} {event.event}"
-            now = self.clock()
-            span = self.config.flood_window
-            minute = now - now % span
             sending: list[Address] = []
             for key, address in dests.items():
                 start, count = self._window.get(key, (minute, 0))
                 if start != minute:
                     start, count = minute, 0
                 self._window[key] = (start, count + 1)
-                if count >= self.config.flood_per_minute:
-                    ops.append(self.storage.op(_HELD, address.key, kind, event.project or "", start, text[:300]))
+                if count >= limit:
+                    ops.append((_HELD, (address.key, kind, event.project or "", start, text[:300]), False))
                 else:
                     sending.append(address)
             if sending:
@@ -182,9 +185,8 @@ class Routing:
                                         origin=f"#{event.instance_id} {kind}", project=event.project,
                                         instance=event.instance_id)
             for sub in digests:
-                ops.append(self.storage.op(
-                    _DIGEST, sub.id, Address("user", sub.network, sub.user).key, period_end(now, sub.digest, self.tz),
-                    f"{time.strftime('%H:%M', time.gmtime(event.at))} {text}"[:300]))
+                ops.append((_DIGEST, (sub.id, f"user:{sub.user}@{sub.network}", self._period_end(now, sub.digest),
+                                      f"{time.strftime('%H:%M', time.gmtime(event.at))} {text}"[:300]), False))
         if len(ops) <= 1:
             return ops
         # one statement per table: the writer runs each once over all its rows
@@ -196,6 +198,16 @@ class Routing:
             else:
                 rest.append((sql, params, many))
         return rest + [(sql, rows, True) for sql, rows in merged.items()]
+
+    def _period_end(self, now: float, digest: str) -> float:
+        """``period_end``, remembered for the minute (every event of a burst asks)."""
+        key = (now - now % 60, digest)
+        end = self._ends.get(key)
+        if end is None or end <= now:
+            if len(self._ends) > 100:
+                self._ends.clear()
+            end = self._ends[key] = period_end(now, digest, self.tz)
+        return end
 
     def render(self, event: Event, kind: str) -> tuple[str, str, str]:
         scope = {"kind": kind, "event": event.event, "detail": event.detail, "step": event.step,
