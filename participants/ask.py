@@ -316,7 +316,8 @@ class Ask(Participant):
         shown = ", ".join(f"{k}={v}" for k, v in sorted(fields.items()) if not isinstance(v, (dict, list)))[:300]
         deadline = f" Deadline: {_when(q.deadline)}." if q.deadline else ""
         head = f"{why}{q.label} from {q.process} #{q.instance_id} ({q.project or 'no project'}): {q.question}"
-        text = f"{head} Answer: {choices}.{deadline}"
+        fields_line = f" Fields: {shown[:120]}{'...' if len(shown) > 120 else ''}." if shown else ""
+        text = f"{head}{fields_line} Answer: {choices}.{deadline}"
         body = (f"{head}\n\nFields: {shown or 'none'}\n\nChoices: {', '.join(q.choices)}.{deadline}\n\n"
                 f"Answer by replying to this mail: put your choice ({' or '.join(q.choices)}) on the first line;\n"
                 f"anything after it is your comment.  Or, in chat: {choices}.\n")

@@ -111,7 +111,8 @@ async def launch(w: World, who: str = "dave", version: str = "1.2") -> int:
 async def test_two_of_three_approve_and_the_outcome_lands_in_fields_and_history(world: World) -> None:
     iid = await launch(world)
     asked = await world.outbox_to("user:alice@")
-    assert len(asked) == 2 and asked[0].startswith(f"q1 from release #{iid} (Project): Release 1.2? Answer: "
+    assert len(asked) == 2 and asked[0].startswith(f"q1 from release #{iid} (Project): Release 1.2? "
+                                                   "Fields: project=Project, version=1.2. Answer: "
                                                    "approve q1 [comment] | reject q1 [reason].")
     assert "Deadline: " in asked[0]
     assert (await world.say("alice", "pending"))[0].startswith("q1: Release 1.2? (release #1, Project;")
