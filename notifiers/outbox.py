@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import logging
 import random
@@ -83,6 +84,16 @@ MIGRATIONS = (
 _FIELDS = ("topic, digest, dest, lane, kind, network, target, hint, project, origin, text, subject, body, "
            "in_reply_to, refs, reply_to, created")
 _INSERT = f"INSERT OR IGNORE INTO outbox_messages ({_FIELDS}) VALUES ({','.join('?' * 17)})"
+@functools.lru_cache(maxsize=64)
+def _insert_many(n: int) -> str:
+    """The statement queuing one message for ``n`` destinations (``Outbox.rows``)."""
+    rows = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * n)
+    return ("INSERT OR IGNORE INTO outbox_messages (topic, project, origin, text, subject, body, in_reply_to, "
+            "refs, created, digest, dest, lane, kind, network, target, hint, reply_to) "
+            "SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, column1, column2, column3, column4, column5, column6, "
+            f"column7, column8 FROM (VALUES {rows})")
+
+
 _COLUMNS = ("id, dest, kind, network, target, text, subject, body, topic, digest, in_reply_to, refs, attempts, "
             "next_at, created, origin, error, hint, reply_to")
 
@@ -204,6 +215,13 @@ class Outbox:
                 values.append((topic, digest, key, address.lane, address.kind, address.network, address.target,
                                person_hint, project, origin, text, subject, body, in_reply_to, refs, reply_to,
                                now))
+        if len(values) > 1:
+            # one message to several destinations: one statement (the writer hands SQLite every
+            # row at once; the text is bound once)
+            flat: list[Any] = [topic, project, origin, text, subject, body, in_reply_to, refs, now]
+            for v in values:
+                flat += (v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[15])
+            return [(_insert_many(len(values)), tuple(flat), False), *extra]
         return ([(_INSERT, values, True)] if values else []) + extra
 
     @staticmethod
