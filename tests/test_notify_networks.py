@@ -124,7 +124,9 @@ async def test_a_burst_is_one_summary_and_the_bot_stays_on(tmp_path: Path, flood
             texts += [line.params[-1] for line in more if line.params[0] == "#rel"]
         singles = [t for t in texts if t.startswith("[Project] boom #")]
         summaries = [t for t in texts if t.startswith("... and ")]
-        assert summaries and len(singles) <= 8 * len(summaries), texts[:12]
+        # collapsed: at most 8 lines (and a summary) per 3 s window the burst spanned, far fewer
+        # lines than events (a slow machine spreads the 500 launches over more windows)
+        assert summaries and len(texts) < 100, (len(singles), len(summaries), texts[:12])
         told = len(singles) + sum(int(t.split()[2]) for t in summaries)
         assert told == 500, (len(singles), summaries)   # nothing dropped, nothing doubled
         assert all("failed in Project" in t for t in summaries), summaries
