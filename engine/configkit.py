@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping
 
 from engine.durations import parse_duration
 from engine.yamlconfig import Node, Problem
+from engine.templating import MessageTemplate, check_template
 
 Check = Callable[[Any], "str | None"]
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -178,3 +179,27 @@ class Section:
 
 def _seconds(value: float) -> str:
     return f"{value:g}s"
+
+
+def message_templates(section: Section, key: str, what: str,
+                      name_problem: Callable[[str], str | None] = lambda _n: None) -> dict[str, MessageTemplate]:
+    """``key: {<name>: {chat, subject, body}}`` in ``section``, each checked (syntax, a chat line)
+    and reported at its own line; ``name_problem`` checks the names."""
+    templates: dict[str, MessageTemplate] = {}
+    node = section.raw(key, {})
+    if not isinstance(node, Node):
+        if node:
+            section.problem(key, f"{key}: expected a mapping of {what} -> {{chat, subject, body}}")
+        return templates
+    for name in node:
+        item = Section(node[name], section.file, section.findings, label=f"{section.label} template {name!r}".strip(),
+                       line=node.line_of(name), what="template")
+        item.check_keys(("chat", "subject", "body"))
+        problem = name_problem(str(name))
+        if problem:
+            item.problem(None, problem)
+        values = {k: item.get(k, str, "", check_template) for k in ("chat", "subject", "body")}
+        if not values["chat"]:
+            item.problem(None, "missing 'chat' (the line sent to chat; mail uses it when subject or body is absent)")
+        templates[str(name)] = MessageTemplate(values["chat"], values["subject"], values["body"])
+    return templates

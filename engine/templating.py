@@ -3,6 +3,7 @@ workitem fields.  No ``eval``, no Python from YAML; undefined fields are
 errors (a typo must not silently read as false)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -118,3 +119,21 @@ def _compile(source: str) -> Any:
 @lru_cache(maxsize=1024)
 def _names(source: str) -> frozenset[str]:
     return frozenset(meta.find_undeclared_variables(_env.parse(source))) - frozenset(_env.globals)
+
+
+@dataclass(frozen=True)
+class MessageTemplate:
+    """A message for chat and mail: the chat line, and the mail's subject and
+    body (by default the chat line's first line, and the chat line).  Named in
+    bot.yaml by the notify step and by the notification routes."""
+
+    chat: str
+    subject: str = ""
+    body: str = ""
+
+    def render(self, scope: dict[str, Any]) -> tuple[str, str, str]:
+        """(chat, subject, body) over ``scope``; TemplateProblem if one fails."""
+        chat = str(render(self.chat, scope))
+        subject = str(render(self.subject, scope)) if self.subject else chat.split("\n", 1)[0]
+        body = str(render(self.body, scope)) if self.body else chat
+        return chat, subject, body

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Iterable, Mapping
 
-from engine.configkit import Section
+from engine.configkit import Section, message_templates
 from engine.events import Event
-from engine.templating import check_template
+from engine.templating import MessageTemplate
 from notifiers.destinations import Address, BadDestination, Book
 
 ENGINE_KINDS = ("launched", "completed", "recovered", "failed", "cancelled", "terminated", "step failed",
@@ -58,13 +58,6 @@ def chain(project: str | None) -> list[str]:
 
 
 @dataclass(frozen=True)
-class Template:
-    chat: str
-    subject: str = ""
-    body: str = ""
-
-
-@dataclass(frozen=True)
 class Route:
     patterns: tuple[str, ...]
     to: tuple[Address, ...]
@@ -88,7 +81,7 @@ class ProjectRoutes:
 @dataclass(frozen=True)
 class NotificationConfig:
     projects: Mapping[str, ProjectRoutes] = field(default_factory=dict)
-    templates: Mapping[str, Template] = field(default_factory=dict)
+    templates: Mapping[str, MessageTemplate] = field(default_factory=dict)
     flood_per_minute: int = 20
     flood_window: float = 60.0          # the window those lines are counted in (a minute, unless told)
 
@@ -108,21 +101,10 @@ def parse_notifications(top: Section, book: Book) -> NotificationConfig:
     section = top.sub("notifications", ("projects", "templates", "flood_per_minute", "flood_window"))
     flood = section.get("flood_per_minute", int, 20, lambda v: None if 1 <= v <= 1000 else "1 to 1000")
     window = section.duration("flood_window", 60.0, minimum=1.0)
-    templates: dict[str, Template] = {}
-    tnode = section.raw("templates", {})
-    if isinstance(tnode, Mapping):
-        for kind in tnode:
-            item = Section(tnode[kind], section.file, section.findings, label=f"notifications template {kind!r}",
-                           line=_line(tnode, kind, section), what="template")
-            item.check_keys(("chat", "subject", "body"))
-            if not isinstance(kind, str) or not _PATTERN.fullmatch(kind):
-                item.problem(None, "expected an event kind (lower-case words, as in `failed` or `publish done`)")
-            values = {k: item.get(k, str, "", check_template) for k in ("chat", "subject", "body")}
-            if not values["chat"]:
-                item.problem(None, "missing 'chat'")
-            templates[str(kind)] = Template(values["chat"], values["subject"], values["body"])
-    else:
-        section.problem("templates", "templates: expected a mapping of event kind -> {chat, subject, body}")
+    templates = message_templates(
+        section, "templates", "event kind",
+        lambda kind: None if _PATTERN.fullmatch(kind) else
+        "expected an event kind (lower-case words, as in `failed` or `publish done`)")
     projects: dict[str, ProjectRoutes] = {}
     pnode = section.raw("projects", {})
     if not isinstance(pnode, Mapping):

@@ -42,7 +42,7 @@ from zoneinfo import ZoneInfo
 from engine.events import Event
 from engine.participant_runtime import Storage
 from engine.store import Op, Store
-from engine.templating import TemplateProblem, render
+from engine.templating import TemplateProblem
 from notifiers.destinations import Address
 from notifiers.outbox import Outbox
 from notifiers.routes import NotificationConfig, Subscription, chain, kind_of, matches
@@ -218,10 +218,7 @@ class Routing:
         if template is None:
             return plain, "", ""        # mail falls back to the text for its subject and body
         try:
-            chat = str(render(template.chat, scope))
-            subject = str(render(template.subject, scope)) if template.subject else chat.split("\n", 1)[0]
-            body = str(render(template.body, scope)) if template.body else chat
-            return chat, subject, body
+            return template.render(scope)
         except TemplateProblem as exc:
             log.warning("notification template for %r failed (%s); sending the plain line", kind, exc)
             return plain, plain, plain

@@ -35,10 +35,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
-from engine.configkit import Section
+from engine.configkit import Section, message_templates
 from engine.errors import ReleasebotError
 from engine.participants import Participant, Reply, Services, Workitem
-from engine.templating import TemplateProblem, check_template, render
+from engine.templating import MessageTemplate, TemplateProblem
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +47,8 @@ MAX_CHAT = 4000          # characters of a chat message: longer ones are cut (ma
 
 
 @dataclass(frozen=True)
-class Template:
-    chat: str
-    subject: str = ""
-    body: str = ""
-
-
-@dataclass(frozen=True)
 class NotifyConfig:
-    templates: Mapping[str, Template] = field(default_factory=dict)
+    templates: Mapping[str, MessageTemplate] = field(default_factory=dict)
 
 
 class Notify(Participant):
@@ -67,21 +60,7 @@ class Notify(Participant):
 
     def check_config(self, section: Section) -> NotifyConfig:
         section.check_keys(("templates",))
-        templates: dict[str, Template] = {}
-        node = section.raw("templates", {})
-        if not isinstance(node, Mapping):
-            section.problem("templates", "templates: expected a mapping of name -> {chat, subject, body}")
-            return NotifyConfig()
-        for name in node:
-            item = Section(node[name], section.file, section.findings, label=f"{section.label} template {name}",
-                           line=getattr(node, "line_of", lambda _k: section.line("templates"))(name),
-                           what=f"template {name}")
-            item.check_keys(("chat", "subject", "body"))
-            values = {key: item.get(key, str, "", lambda v: _syntax(v)) for key in ("chat", "subject", "body")}
-            if not values["chat"]:
-                item.problem(None, "missing 'chat' (the line sent to chat; mail uses it when subject/body are absent)")
-            templates[str(name)] = Template(values["chat"], values["subject"], values["body"])
-        return NotifyConfig(templates)
+        return NotifyConfig(message_templates(section, "templates", "template name"))
 
     def check_params(self, params: Mapping[str, Any], config: Any) -> list[str]:
         problems = [f"unknown param {k!r} (expected {', '.join(PARAMS)})" for k in params if k not in PARAMS]
@@ -141,16 +120,10 @@ class Notify(Participant):
         try:
             if template is None:
                 raise TemplateProblem(f"no template {named!r} in bot.yaml")
-            chat = str(render(template.chat, scope))
-            subject = str(render(template.subject, scope)) if template.subject else chat.split("\n", 1)[0]
-            body = str(render(template.body, scope)) if template.body else chat
-            return chat, subject, body
+            return template.render(scope)
         except TemplateProblem as exc:
             log.warning("#%d %s: notify template %s failed (%s); sending a plain message", workitem.instance_id,
                         workitem.step, named, exc)
             plain = f"{workitem.process} #{workitem.instance_id}: {workitem.step}"
             return plain, plain, plain + f"\n\n(template {named} could not be rendered: {exc})"
 
-
-def _syntax(value: str) -> str | None:
-    return check_template(value)

@@ -24,7 +24,8 @@ from engine.timers import ManualClock
 from notifiers.destinations import BadDestination, Book
 from notifiers.outbox import Outbox, Settings
 from participants.builtin import Echo, Hold
-from participants.notify import Notify, NotifyConfig, Template
+from engine.templating import MessageTemplate as Template
+from participants.notify import Notify, NotifyConfig
 from tests.engine_fixtures import spec_from_yaml
 
 BOOK = Book({"net": "irc", "jab": "xmpp", "mail": "email"}, {"jab": frozenset({"ops@rooms.test"})},
