@@ -95,7 +95,8 @@ class App:
         self.store = Store(cfg.database, synchronous=cfg.durability.upper())
         directory = Directory(cfg.users)
         settings = cfg.outbox
-        self.outbox = Outbox(self.store, cfg.book, reacher(cfg), settings=Settings(
+        book = cfg.book                 # built once: the outbox and the fallback share it
+        self.outbox = Outbox(self.store, book, reacher(cfg), settings=Settings(
             retry_min=settings.retry_min, retry_max=settings.retry_max, give_up=settings.give_up, keep=settings.keep,
             message_domain=message_domain(cfg)) if settings is not None else None)
         # each participant's checked section of bot.yaml, the users and the outbox reach its setup(services)
@@ -105,7 +106,6 @@ class App:
         self.routing = Routing(self.store, self.outbox, cfg.notifications, timezone=cfg.timezone)
         self.engine.watch(self.routing.rows_for)       # events routed in the commit that makes them
         self.flusher = Flusher(self.routing, interval=min(5.0, cfg.notifications.flood_window / 2))
-        book = cfg.book
         mail_networks = set(book.email_networks())
 
         def fallback_to(user: str) -> str | None:
